@@ -1,0 +1,111 @@
+"""Group Relative Policy Optimization for visual generators (DanceGRPO Sec. 3.1-3.3).
+
+  group_advantages          rewards z-scored within each prompt's group          Eq. (4)
+  multi_reward_advantages   one advantage per reward, summed with weights        Sec. 3.3
+  clipped_loss              the PPO-style clipped surrogate, no KL term          Eq. (3)
+  select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
+  best_of_n                 keep the best and worst samples of each group        Sec. 3.3
+  gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
+
+Every function depends on torch and math only and may be copied on its own.
+"""
+
+import torch
+
+
+def _check_groups(n: int, group_size: int) -> None:
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {group_size}")
+    if n % group_size != 0:
+        raise ValueError(f"the number of samples ({n}) must be a multiple of group_size ({group_size})")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) -> torch.Tensor:
+    """Advantages A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-8), clipped to [-clip, clip].
+
+    rewards: Tensor[N], N = num_prompts * group_size, the G samples of one prompt consecutive.
+    The std is the unbiased one (torch.std), as in the official code. A group whose rewards are
+    all equal gets zero advantages (and so no gradient), not NaN.
+    Returns Tensor[N] float32.
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be a 1-D tensor [N], got shape {tuple(rewards.shape)}")
+    _check_groups(rewards.shape[0], group_size)
+    r = rewards.float().view(-1, group_size)  # [P, G]
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-8)  # Eq. (4)
+    return adv.clamp(-clip, clip).flatten()
+
+
+def multi_reward_advantages(rewards: torch.Tensor, weights, group_size: int, clip: float = 5.0) -> torch.Tensor:
+    """Several rewards: advantages computed per reward, then summed with weights (Sec. 3.3).
+
+    Normalising each reward in its group before summing keeps a reward with a large scale from
+    drowning the others. rewards: Tensor[K, N] (K rewards), weights: K floats. Returns Tensor[N].
+    """
+    if rewards.ndim != 2 or rewards.shape[0] != len(weights):
+        raise ValueError(f"rewards must be [K, N] with K = len(weights) = {len(weights)}, got shape {tuple(rewards.shape)}")
+    return sum(w * group_advantages(r, group_size, clip) for w, r in zip(weights, rewards))
+
+
+def clipped_loss(log_prob, old_log_prob, advantages, clip_range):
+    """The clipped surrogate of DanceGRPO Eq. (3) (PPO, Schulman et al. 2017, Eq. 7), negated to minimise:
+
+      r = exp(log_prob - old_log_prob)
+      loss = mean( max(-A r, -A clamp(r, 1 - eps, 1 + eps)) )
+
+    log_prob, old_log_prob, advantages: Tensor[M], one entry per trained (sample, timestep).
+    No KL term: the paper drops it (see gaussian_kl for an optional one). Returns a scalar.
+    """
+    if not (log_prob.shape == old_log_prob.shape == advantages.shape):
+        raise ValueError(
+            f"log_prob, old_log_prob and advantages must have one shape, got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+        )
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def select_timesteps(num_steps: int, fraction: float, num_samples: int, generator=None) -> torch.Tensor:
+    """The denoising steps each sample trains on (Sec. 3.3, "timestep selection").
+
+    The last step (index num_steps - 1) is never trained, as in the official code. Each sample
+    draws its own random permutation of the other num_steps - 1 steps and keeps its first
+    k = int((num_steps - 1) * fraction). Returns LongTensor[num_samples, k].
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    k = int((num_steps - 1) * fraction)
+    if k < 1:
+        raise ValueError(f"num_steps={num_steps} with fraction={fraction} trains no step; use more steps or a larger fraction")
+    perms = [torch.randperm(num_steps - 1, generator=generator)[:k] for _ in range(num_samples)]
+    return torch.stack(perms)
+
+
+def best_of_n(rewards: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
+    """Indices of the keep/2 highest and keep/2 lowest rewards of each group (Sec. 3.3, best-of-N).
+
+    Training on the extremes of N samples gives the clearest signal per backward pass
+    (the paper samples 24 videos per prompt and trains on 8 for HunyuanVideo).
+    rewards: Tensor[N] with groups of group_size consecutive samples. Returns LongTensor[P * keep],
+    sorted within each group so the kept samples stay in their original order.
+    """
+    _check_groups(rewards.shape[0], group_size)
+    if keep < 2 or keep % 2 or keep > group_size:
+        raise ValueError(f"keep must be even, >= 2 and <= group_size={group_size}, got {keep}")
+    order = rewards.view(-1, group_size).argsort(dim=1, descending=True)  # [P, G]
+    kept = torch.cat([order[:, : keep // 2], order[:, group_size - keep // 2 :]], dim=1)  # [P, keep]
+    kept = kept.sort(dim=1).values
+    offsets = torch.arange(kept.shape[0], device=kept.device)[:, None] * group_size
+    return (kept + offsets).flatten()
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL( N(mean, std^2) || N(ref_mean, std^2) ) per sample, averaged over non-batch dims like
+    the log-probs: ||mean - ref_mean||^2 / (2 std^2). An optional regulariser toward a frozen
+    reference policy (as Flow-GRPO adds); DanceGRPO trains without it. Returns Tensor[B]."""
+    kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -1,0 +1,189 @@
+"""SDE sampling with Gaussian log-probabilities: the policy of DanceGRPO.
+
+DanceGRPO (Xue et al. 2025, arXiv 2505.07818) turns a deterministic sampler into a
+stochastic policy so GRPO has a likelihood to optimise. Each denoising step is a
+Gaussian transition x_t -> x_{t-1} ~ N(mean, std^2); its log-density is what the
+clipped GRPO objective (grpo.py) compares before and after an update.
+
+  flow_sigmas     the rectified-flow noise schedule with the SD3 time shift
+  flow_sde_step   one step of the rectified-flow SDE (FLUX, HunyuanVideo, SkyReels)   Sec. 3.2
+  ddim_sde_step   one step of the DDIM SDE (Stable Diffusion), as in DDPO            Sec. 3.2
+  rollout         a whole batched trajectory, keeping every latent and log-prob
+
+Every function depends on torch and math only and may be copied on its own.
+"""
+
+import math
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """Noise levels for `num_steps` rectified-flow steps, from 1 (noise) to 0 (data).
+
+    t = linspace(1, 0, T + 1), then the SD3 time shift  sigma = s t / (1 + (s - 1) t)
+    (Esser et al. 2024, Eq. 23), which spends more steps at high noise for s > 1.
+    Returns a float32 Tensor[num_steps + 1]; step i goes from sigmas[i] to sigmas[i + 1].
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A float or a [B] tensor -> float32 tensor [B, 1, ..., 1] that broadcasts against `like`."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if value.ndim == 0:
+        value = value.expand(like.shape[0])
+    if value.shape != (like.shape[0],):
+        raise ValueError(f"{name} must be a float or a [B] tensor with B={like.shape[0]}, got shape {tuple(value.shape)}")
+    return value.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _check_shapes(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, names: str) -> None:
+    if model_output.shape != latents.shape:
+        raise ValueError(f"{names} must have the same shape as latents, got {tuple(model_output.shape)} and {tuple(latents.shape)}")
+    if prev_sample is not None and prev_sample.shape != latents.shape:
+        raise ValueError(f"prev_sample must have the shape of latents {tuple(latents.shape)}, got {tuple(prev_sample.shape)}")
+
+
+def _gaussian_step(mean, std, prev_sample, generator):
+    """Sample x_{t-1} ~ N(mean, std^2) unless given, and its log-density averaged over non-batch dims.
+
+    The average (not the sum) over latent elements is what the official code optimises; it is
+    why the clip range is as small as 1e-4. Computed in float32. Where std is 0 (eta = 0) the
+    step is deterministic, has no density, and log_prob is returned as 0.
+    """
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    x = prev_sample.detach().float()
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    log_density = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))  # [B]
+    log_prob = torch.where(std.flatten() > 0, log_prob, torch.zeros_like(log_prob))
+    return prev_sample, log_prob
+
+
+def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, generator=None):
+    """One step of the rectified-flow SDE with the log-prob of its transition (DanceGRPO Sec. 3.2).
+
+    The model predicts the velocity v = eps - x0 of the path x_sigma = (1 - sigma) x0 + sigma eps.
+    The reverse SDE  dx = (v - eta^2/2 * score) dsigma + eta dw  (Song et al. 2021, Eq. 6, with
+    diffusion coefficient eta) shares the ODE's marginals; discretised from sigma to sigma_next:
+
+      x0_hat = x - sigma v                                    (clean-sample estimate)
+      score  = -(x - (1 - sigma) x0_hat) / sigma^2            (Gaussian path, Tweedie)
+      delta  = sigma - sigma_next > 0
+      mean   = x - delta v + eta^2 / 2 * delta * score
+      std    = eta * sqrt(delta)
+
+    eta = 0 is exactly the Euler ODE step x + (sigma_next - sigma) v.
+
+    Args:
+      velocity, latents: [B, ...] (any layout: [B,C,H,W], packed [B,L,D], video [B,C,T,H,W]).
+      sigma, sigma_next: floats or [B] tensors (one noise level per sample), sigma > sigma_next >= 0.
+      eta: noise scale >= 0.
+      prev_sample: the x_{t-1} whose log-prob to compute (training); sampled when None (rollout).
+      generator: torch.Generator for the sampled noise.
+    Returns:
+      (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
+    """
+    _check_shapes(velocity, latents, prev_sample, "velocity")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    sigma = _per_sample(sigma, latents, "sigma")
+    sigma_next = _per_sample(sigma_next, latents, "sigma_next")
+    if not bool((sigma > sigma_next).all()) or not bool((sigma_next >= 0).all()) or not bool((sigma <= 1).all()):
+        raise ValueError("need 1 >= sigma > sigma_next >= 0 (the flow runs from noise at 1 to data at 0)")
+    x, v = latents.float(), velocity.float()
+    delta = sigma - sigma_next
+    x0_hat = x - sigma * v
+    score = -(x - (1 - sigma) * x0_hat) / sigma**2
+    mean = x - delta * v + 0.5 * eta**2 * delta * score
+    std = eta * delta.sqrt()
+    prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
+    return prev_sample, log_prob, mean, std
+
+
+def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_sample=None, generator=None):
+    """One DDIM step with its Gaussian log-prob (Song et al. 2021 "DDIM", Eq. 12 and 16; as DDPO uses it).
+
+      x0_hat = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
+      var    = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)              (DDIM Eq. 16, sigma_t^2)
+      std    = eta * sqrt(var)
+      mean   = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps          (DDIM Eq. 12)
+
+    eta = 0 is deterministic DDIM, eta = 1 is DDPM's ancestral variance.
+
+    Args:
+      noise_pred, latents: [B, ...], epsilon prediction and x_t.
+      alpha_bar, alpha_bar_prev: cumulative alphas a_t < a_prev, floats or [B] tensors.
+      eta, prev_sample, generator: as in flow_sde_step.
+    Returns:
+      (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
+    """
+    _check_shapes(noise_pred, latents, prev_sample, "noise_pred")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    a_t = _per_sample(alpha_bar, latents, "alpha_bar")
+    a_prev = _per_sample(alpha_bar_prev, latents, "alpha_bar_prev")
+    if not bool((a_t > 0).all()) or not bool((a_prev <= 1).all()) or not bool((a_t < a_prev).all()):
+        raise ValueError("need 0 < alpha_bar < alpha_bar_prev <= 1 (DDIM runs from noise towards data)")
+    x, eps = latents.float(), noise_pred.float()
+    x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * var.sqrt()
+    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
+    return prev_sample, log_prob, mean, std
+
+
+def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
+    """Run a whole SDE trajectory for a batch and keep what GRPO needs (DanceGRPO Alg. 1, line 4).
+
+    Args:
+      denoise: callable (latents [B, ...], step index i) -> model output [B, ...]
+        (velocity for kind="flow", epsilon for kind="ddim"); the caller maps i to the model's
+        timestep and conditioning. Called under torch.no_grad() by the caller if wanted.
+      noise: initial latents x_T [B, ...].
+      schedule: Tensor[T + 1], sigmas 1 -> 0 (flow) or cumulative alphas a_T -> a_final (ddim);
+        step i goes from schedule[i] to schedule[i + 1].
+      eta: SDE noise scale.
+      kind: "flow" or "ddim".
+      generator: torch.Generator for the per-step noise.
+    Returns:
+      latents   [B, T + 1, ...]  x_T, ..., x_0 (latents[:, i] is the input of step i)
+      log_probs [B, T]           log-prob of each transition
+      final     [B, ...]         the sample to decode: the last step's x0_hat for flow (as the
+                                 official DanceGRPO code), the last x_0 for DDIM (as DDPO)
+    """
+    if kind not in ("flow", "ddim"):
+        raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
+    step = flow_sde_step if kind == "flow" else ddim_sde_step
+    x = noise.float()
+    all_latents, all_log_probs = [x], []
+    for i in range(len(schedule) - 1):
+        model_output = denoise(x, i)
+        x, log_prob, _, _ = step(model_output, x, schedule[i], schedule[i + 1], eta, generator=generator)
+        all_latents.append(x)
+        all_log_probs.append(log_prob)
+    if kind == "flow":
+        final = all_latents[-2] - schedule[-2] * model_output.float()  # x0_hat = x - sigma v
+    else:
+        final = x
+    return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), final
+
+
+def group_noise(num_groups: int, group_size: int, shape, generator=None, same_noise=True) -> torch.Tensor:
+    """Initial noise [num_groups * group_size, *shape]; with same_noise the G samples of a group
+    share one draw, so their reward differences come from the SDE alone (DanceGRPO Sec. 3.3)."""
+    if same_noise:
+        noise = torch.randn(num_groups, 1, *shape, generator=generator)
+        return noise.expand(num_groups, group_size, *shape).reshape(num_groups * group_size, *shape).clone()
+    return torch.randn(num_groups * group_size, *shape, generator=generator)

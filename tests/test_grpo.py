@@ -1,0 +1,108 @@
+"""grpo.py against references written here and its invariants."""
+
+import pytest
+import torch
+
+import grpo
+
+
+def test_group_advantages_zscore_per_group_with_unbiased_std():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 10.0, 10.0, 30.0])
+    adv = grpo.group_advantages(rewards, group_size=4, clip=100.0)
+    for g in range(2):
+        r = rewards[4 * g: 4 * g + 4].double()
+        mean = r.sum() / 4
+        std = ((r - mean) ** 2).sum().div(3).sqrt()  # unbiased: divide by G - 1
+        torch.testing.assert_close(adv[4 * g: 4 * g + 4].double(), (r - mean) / (std + 1e-8), rtol=1e-6, atol=1e-6)
+
+
+def test_constant_group_gives_zero_advantages_not_nan():
+    adv = grpo.group_advantages(torch.tensor([0.3, 0.3, 0.3, 1.0, 2.0, 3.0]), group_size=3)
+    assert torch.isfinite(adv).all()
+    assert torch.all(adv[:3] == 0) and adv[3:].abs().sum() > 0
+
+
+def test_advantages_are_clipped():
+    rewards = torch.tensor([0.0] * 99 + [1.0])  # the outlier's z-score is ~9.9
+    adv = grpo.group_advantages(rewards, group_size=100, clip=5.0)
+    assert adv.max().item() == 5.0
+    assert grpo.group_advantages(rewards, group_size=100, clip=50.0).max().item() > 9.0
+
+
+def test_multi_reward_advantages_sum_weighted_per_reward_advantages():
+    g = torch.Generator().manual_seed(0)
+    hps, clip = torch.rand(8, generator=g) * 0.1, torch.rand(8, generator=g) * 30
+    adv = grpo.multi_reward_advantages(torch.stack([hps, clip]), [0.7, 1.4], group_size=4)
+    expected = 0.7 * grpo.group_advantages(hps, 4) + 1.4 * grpo.group_advantages(clip, 4)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_clipped_loss_equals_ppo_surrogate():
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(64, generator=g)
+    new = old + torch.randn(64, generator=g) * 0.3
+    adv = torch.randn(64, generator=g)
+    eps = 0.1
+    loss = grpo.clipped_loss(new, old, adv, eps)
+    expected = []
+    for n, o, a in zip(new.tolist(), old.tolist(), adv.tolist()):  # element by element, PPO Eq. (7)
+        r = torch.tensor(n - o).exp().item()
+        expected.append(-min(a * r, a * min(max(r, 1 - eps), 1 + eps)))
+    assert abs(loss.item() - sum(expected) / 64) < 1e-5
+
+
+def test_clipped_loss_gradient_is_minus_advantage_at_ratio_one():
+    log_prob = torch.zeros(4, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    grpo.clipped_loss(log_prob, torch.zeros(4), adv, 1e-4).backward()
+    torch.testing.assert_close(log_prob.grad, -adv / 4)
+
+
+def test_clipped_loss_stops_gradient_outside_the_trust_region():
+    log_prob = torch.tensor([0.5, -0.5], requires_grad=True)  # ratio far above / below 1
+    grpo.clipped_loss(log_prob, torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2).backward()
+    assert torch.all(log_prob.grad == 0)
+
+
+def test_select_timesteps():
+    steps = grpo.select_timesteps(16, 0.6, num_samples=50, generator=torch.Generator().manual_seed(0))
+    assert steps.shape == (50, 9) and steps.dtype == torch.long  # int(15 * 0.6) = 9
+    assert steps.max() < 15 and steps.min() >= 0  # the last step (15) is never trained
+    assert all(len(set(row.tolist())) == 9 for row in steps)  # no repeats within a sample
+    assert len({tuple(row.tolist()) for row in steps}) > 40  # samples draw their own steps
+    again = grpo.select_timesteps(16, 0.6, num_samples=50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(steps, again)
+    assert grpo.select_timesteps(50, 1.0, 3).shape == (3, 49)
+
+
+def test_best_of_n_keeps_top_and_bottom_of_each_group():
+    rewards = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 2.0,  # group 0: top 9, 7; bottom 1, 2
+                            0.0, 4.0, 8.0, 6.0, 10.0, -1.0])  # group 1: top 10, 8; bottom -1, 0
+    kept = grpo.best_of_n(rewards, group_size=6, keep=4)
+    assert kept.tolist() == [1, 2, 4, 5, 6, 8, 10, 11]
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(2)
+    mean, ref, std = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g), torch.full((3, 1, 1), 0.2)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                                 torch.distributions.Normal(ref, std.expand_as(ref))).mean(dim=(1, 2))
+    torch.testing.assert_close(grpo.gaussian_kl(mean, ref, std), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: grpo.group_advantages(torch.zeros(6), group_size=4), "multiple of group_size"),
+    (lambda: grpo.group_advantages(torch.zeros(6), group_size=1), "group_size must be >= 2"),
+    (lambda: grpo.group_advantages(torch.zeros(2, 3), group_size=3), "1-D"),
+    (lambda: grpo.clipped_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), 0.1), "one shape"),
+    (lambda: grpo.clipped_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.0), "clip_range"),
+    (lambda: grpo.select_timesteps(16, 0.0, 2), "fraction"),
+    (lambda: grpo.select_timesteps(16, 1.5, 2), "fraction"),
+    (lambda: grpo.select_timesteps(1, 1.0, 2), "trains no step"),
+    (lambda: grpo.best_of_n(torch.zeros(8), group_size=4, keep=3), "keep"),
+    (lambda: grpo.best_of_n(torch.zeros(8), group_size=4, keep=6), "keep"),
+    (lambda: grpo.multi_reward_advantages(torch.zeros(2, 4), [1.0], 2), "weights"),
+])
+def test_bad_input_raises_clear_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,400 @@
+"""Everything model-specific, so the train scripts stay generic.
+
+Four families, each a real diffusers pipeline: FLUX.1-dev (FluxPipeline), Stable Diffusion v1.4
+(StableDiffusionPipeline with a DDIMScheduler), HunyuanVideo T2V (HunyuanVideoPipeline) and SkyReels-V1 I2V
+(HunyuanSkyreelsImageToVideoPipeline). The `tiny-*` presets build the same pipeline classes from small configs
+with seeded random weights and in-code tokenizers, so every test and smoke run works offline on a CPU.
+
+Latent layouts ("step layout", what the SDE steps in sde.py work on):
+    FLUX      packed tokens [B, L, 4C]     (2x2 patches of the [B, C, h, w] VAE latent, as FluxPipeline packs them)
+    SD        [B, 4, h, w]
+    Hunyuan   [B, C, f, h, w]
+    SkyReels  [B, C, f, h, w]              (the first-frame image latents are concatenated inside predict())
+"""
+import string
+
+import torch
+from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, HunyuanSkyreelsImageToVideoPipeline,
+                       HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from diffusers.utils.torch_utils import randn_tensor
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer,
+                          T5Config, T5EncoderModel, T5Tokenizer)
+
+HUB_IDS = {
+    "flux": "black-forest-labs/FLUX.1-dev",
+    "sd14": "CompVis/stable-diffusion-v1-4",
+    "hunyuan": "hunyuanvideo-community/HunyuanVideo",
+    # The diffusers-format SkyReels-V1 I2V pipeline the official DanceGRPO README downloads (the Skywork/SkyReels-V1-
+    # Hunyuan-I2V transformer plus HunyuanVideo's VAE and text encoders).
+    "skyreels": "xzyhku/SkyReels-V1-I2V",
+}
+TINY = ("tiny-flux", "tiny-sd", "tiny-hunyuan", "tiny-skyreels")
+FAMILY = {"flux": "flux", "tiny-flux": "flux", "sd14": "sd", "tiny-sd": "sd", "hunyuan": "hunyuan",
+          "tiny-hunyuan": "hunyuan", "skyreels": "skyreels", "tiny-skyreels": "skyreels"}
+PIPELINES = {"flux": FluxPipeline, "sd": StableDiffusionPipeline, "hunyuan": HunyuanVideoPipeline,
+             "skyreels": HunyuanSkyreelsImageToVideoPipeline}
+
+FLUX_TEXT_LEN = 512  # T5 tokens, FluxPipeline's default max_sequence_length (the official preprocessing uses it too)
+HUNYUAN_TEXT_LEN = 256  # Llama tokens after the prompt template, HunyuanVideoPipeline's default
+SKYREELS_EMBEDDED_GUIDANCE = 1.0  # official SkyReels GRPO feeds guidance=1000 (= 1.0 * 1000) next to its CFG
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
+    """The real diffusers pipeline for `model`, on CPU, frozen except for the trained network (still in .eval()).
+
+    tiny-*: built from small configs with weights seeded by `seed` (identical on every rank).
+    Real names: from_pretrained(model_path or HUB_IDS[model]) from local files only, so a missing download
+    fails at once instead of hanging on the network."""
+    if model not in FAMILY:
+        raise ValueError(f"unknown model {model!r}; choose one of {sorted(FAMILY)}")
+    family = FAMILY[model]
+    if model in TINY:
+        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            pipe = {"flux": _tiny_flux, "sd": _tiny_sd, "hunyuan": _tiny_hunyuan,
+                    "skyreels": _tiny_skyreels}[family]()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        path = model_path or HUB_IDS[model]
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+        try:
+            pipe = PIPELINES[family].from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(
+                f"could not load {model!r} from {path!r} with local files only ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:160]}). Download the weights and pass --model_path DIR, or use a "
+                f"tiny preset ({', '.join(TINY)})") from None
+    if family == "sd":  # DDPO/DanceGRPO sample SD with DDIM; same betas, from the checkpoint's scheduler config
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            if module is not trained_module(pipe):
+                module.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trained_module(pipe):
+    """The network GRPO fine-tunes: the UNet for SD, the transformer otherwise."""
+    return pipe.unet if isinstance(pipe, StableDiffusionPipeline) else pipe.transformer
+
+
+def _family(pipe):
+    return next(f for f, cls in PIPELINES.items() if isinstance(pipe, cls))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny presets: real pipeline classes, small configs, tokenizers built in code (character-level, any text works)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tiny_clip(hidden=32):
+    """CLIP BPE tokenizer with a byte-level character vocabulary (no merges) and a 2-layer CLIPTextModel."""
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return tokenizer, CLIPTextModel(config)
+
+
+def _tiny_t5(hidden=32):
+    """T5 Unigram tokenizer over single characters and a 2-layer T5EncoderModel."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=FLUX_TEXT_LEN)
+    config = T5Config(vocab_size=len(pieces), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0)
+    return tokenizer, T5EncoderModel(config)
+
+
+def _tiny_llama(hidden=32):
+    """Llama BPE tokenizer over single characters (+ the Llama-3 header tokens of HunyuanVideo's prompt template),
+    right padding as the transformer's text mask expects, and a 2-layer LlamaModel."""
+    symbols = ["<unk>", "<s>", "</s>", "▁"] + list(string.ascii_letters + string.digits + string.punctuation + "\n")
+    tokenizer = LlamaTokenizer(vocab={t: i for i, t in enumerate(symbols)}, merges=[], pad_token="</s>",
+                               padding_side="right", add_bos_token=True,
+                               additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return tokenizer, LlamaModel(config)
+
+
+@torch.no_grad()
+def _brightness_readable(vae, gain=5.0):
+    """Make a random tiny VAE's decoder respond to its latents the way a trained one does.
+
+    A random decoder's GroupNorms pin the image mean: every latent decodes to the same grey, and a
+    demo reward such as brightness has nothing to learn. Zeroing the scale of the inner norms turns
+    each residual block into identity + constant, so the decoder is close to a linear upsampler of
+    the latents, and a larger output convolution gives the images contrast. Weights only: the
+    config, the classes and save_pretrained / from_pretrained stay the real ones."""
+    for m in vae.decoder.modules():
+        if isinstance(m, torch.nn.GroupNorm) and m is not vae.decoder.conv_norm_out:
+            m.weight.zero_()
+    conv_out = [m for m in vae.decoder.conv_out.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    conv_out[-1].weight.mul_(gain)
+    return vae
+
+
+def _tiny_flux():
+    clip_tok, clip = _tiny_clip()
+    t5_tok, t5 = _tiny_t5()
+    # 16 latent channels like FLUX's VAE; two blocks -> 2x downsampling (the real VAE has four blocks, 8x)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    _brightness_readable(vae)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+
+
+def _tiny_sd():
+    clip_tok, clip = _tiny_clip()
+    # three blocks -> 4x downsampling (SD's VAE: four blocks, 8x)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.18215)
+    _brightness_readable(vae)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    # SD v1.4's noise schedule
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=clip_tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _tiny_hunyuan(cls=HunyuanVideoPipeline, in_channels=4):
+    llama_tok, llama = _tiny_llama()
+    clip_tok, clip = _tiny_clip()
+    # 3 blocks: 4x spatial and 4x temporal compression (the real VAE: 8x and 4x, 16 channels)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 16),
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
+                                    norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4)
+    _brightness_readable(vae)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=in_channels, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=16, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
+                                                 rope_axes_dim=(4, 6, 6), guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return cls(text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae, scheduler=scheduler,
+               text_encoder_2=clip, tokenizer_2=clip_tok)
+
+
+def _tiny_skyreels():
+    # the I2V transformer sees the noisy latents and the first-frame latents stacked on channels
+    return _tiny_hunyuan(HunyuanSkyreelsImageToVideoPipeline, in_channels=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------------------------------
+
+def _hunyuan_template(tokenizer):
+    """diffusers' HunyuanVideo prompt template. Its crop_start (95) is the template's length under the Llama-3
+    tokenizer; any other tokenizer (the tiny presets) gets the template prefix counted instead."""
+    if "<|begin_of_text|>" in tokenizer.get_vocab():
+        return DEFAULT_PROMPT_TEMPLATE
+    prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
+    return {**DEFAULT_PROMPT_TEMPLATE, "crop_start": len(tokenizer(prefix).input_ids)}
+
+
+def _hunyuan_text(pipe, prompts, device):
+    embeds, pooled, mask = pipe.encode_prompt(prompts, prompt_template=_hunyuan_template(pipe.tokenizer),
+                                              device=device, max_sequence_length=HUNYUAN_TEXT_LEN)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, device):
+    """Text conditioning as a dict of batch-first tensors (leading dim B = len(prompts)), via the pipeline's own
+    encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys."""
+    family, prompts = _family(pipe), list(prompts)
+    if family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=FLUX_TEXT_LEN)
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # [B, 512, 4096], [B, 768]; txt_ids = 0
+    elif family == "sd":  # uncond = "" for every prompt, exactly as StableDiffusionPipeline does for CFG
+        embeds, neg = pipe.encode_prompt(prompts, device, 1, True)
+        cond = {"prompt_embeds": embeds, "negative_prompt_embeds": neg}  # [B, 77, 768] each
+    else:
+        cond = _hunyuan_text(pipe, prompts, device)  # [B, 256, 4096], [B, 768], [B, 256]
+        if family == "skyreels":  # official SkyReels GRPO: the unconditional branch is the empty prompt
+            neg = _hunyuan_text(pipe, [""], device)
+            cond.update({"negative_" + k: v.repeat(len(prompts), *[1] * (v.dim() - 1)) for k, v in neg.items()})
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+@torch.no_grad()
+def encode_image_condition(pipe, images, num_frames, generator=None):
+    """SkyReels first-frame conditioning: images [B, 3, H, W] in [0, 1] -> {"image_latents": [B, C, f, h, w]},
+    the VAE latent of each image (sampled, times the VAE scaling factor) in frame 0 and zeros after it, prepared by
+    HunyuanSkyreelsImageToVideoPipeline.prepare_latents."""
+    B, _, H, W = images.shape
+    vae = pipe.vae
+    image = (images * 2 - 1).to(vae.device, vae.dtype)  # [-1, 1], as the pipeline's video_processor.preprocess
+    C = pipe.transformer.config.in_channels // 2
+    f = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    h, w = H // pipe.vae_scale_factor_spatial, W // pipe.vae_scale_factor_spatial
+    placeholder = torch.zeros(B, C, f, h, w)  # skips prepare_latents' noise draw; initial_noise() draws the noise
+    _, image_latents = pipe.prepare_latents(image, B, C, H, W, num_frames, torch.float32, vae.device, generator,
+                                            latents=placeholder)
+    return {"image_latents": image_latents}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------------------------
+
+def initial_noise(pipe, batch, height, width, num_frames, generator):
+    """x_1 ~ N(0, I) in the step layout, float32, drawn on CPU with `generator` the way each pipeline draws it."""
+    family = _family(pipe)
+    if family == "flux":  # drawn as [B, C, h, w] then packed into [B, h/2 * w/2, 4C], as FluxPipeline does
+        C = pipe.transformer.config.in_channels // 4
+        return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)[0]
+    if family == "sd":  # [B, 4, H/s, W/s]; DDIM's init_noise_sigma is 1
+        C = pipe.unet.config.in_channels
+        return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)
+    C = pipe.transformer.config.out_channels
+    f = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    s = pipe.vae_scale_factor_spatial
+    return randn_tensor((batch, C, f, height // s, width // s), generator=generator, dtype=torch.float32)
+
+
+def _flux_packed_hw(pipe, height, width):
+    """(h, w) of the unpacked FLUX latent for an image of height x width (FluxPipeline.prepare_latents' rule)."""
+    s = pipe.vae_scale_factor
+    return 2 * (height // (s * 2)), 2 * (width // (s * 2))
+
+
+def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
+    """One network call on latents [B, ...] (step layout) at t: Tensor[B] (sigma in [0, 1] for flow models, the
+    integer DDPM timestep for SD). Returns velocity (flow) or epsilon (SD) in float32, same shape as latents.
+
+    FLUX / Hunyuan: guidance_scale is the embedded guidance, one call. SD / SkyReels: classifier-free guidance,
+    uncond and cond batched in one call: uncond + s * (cond - uncond)."""
+    family, net = _family(pipe), trained_module(pipe)
+    dtype, B = net.dtype, latents.shape[0]
+    x = latents.to(dtype)
+    c = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    if family == "flux":
+        h, w = _flux_packed_hw(pipe, height, width)
+        out = net(hidden_states=x,  # [B, L, 4C]
+                  timestep=t.to(dtype),  # sigma; FluxTransformer2DModel multiplies by 1000 (FluxPipeline passes t/1000)
+                  guidance=torch.full([B], guidance_scale, device=x.device, dtype=dtype),  # also x1000 inside
+                  pooled_projections=c["pooled_prompt_embeds"], encoder_hidden_states=c["prompt_embeds"],
+                  txt_ids=torch.zeros(c["prompt_embeds"].shape[1], 3, device=x.device, dtype=dtype),
+                  img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, x.device, dtype),
+                  return_dict=False)[0]
+    elif family == "sd":
+        if guidance_scale == 1.0:
+            out = net(x, t, encoder_hidden_states=c["prompt_embeds"], return_dict=False)[0]
+        else:  # DDIM's scale_model_input is the identity, so the latents go in as they are
+            eps = net(torch.cat([x, x]), torch.cat([t, t]), return_dict=False,
+                      encoder_hidden_states=torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]]))[0]
+            uncond, text = eps.float().chunk(2)
+            return uncond + guidance_scale * (text - uncond)
+    elif family == "hunyuan":
+        out = net(hidden_states=x,  # [B, C, f, h, w]
+                  timestep=(t * 1000).float(),  # HunyuanVideoPipeline passes the fp32 scheduler timestep sigma*1000
+                  encoder_hidden_states=c["prompt_embeds"], encoder_attention_mask=c["prompt_attention_mask"],
+                  pooled_projections=c["pooled_prompt_embeds"],
+                  guidance=torch.full([B], guidance_scale * 1000.0, device=x.device, dtype=dtype),
+                  return_dict=False)[0]
+    else:  # skyreels: [noise latents, first-frame latents] on channels; cond and uncond (empty prompt) batched
+        xi = torch.cat([x, extra["image_latents"].to(dtype)], dim=1)  # [B, 2C, f, h, w]
+        out = net(hidden_states=torch.cat([xi, xi]), timestep=(torch.cat([t, t]) * 1000).float(),
+                  encoder_hidden_states=torch.cat([c["prompt_embeds"], c["negative_prompt_embeds"]]),
+                  encoder_attention_mask=torch.cat([c["prompt_attention_mask"],
+                                                    c["negative_prompt_attention_mask"]]),
+                  pooled_projections=torch.cat([c["pooled_prompt_embeds"], c["negative_pooled_prompt_embeds"]]),
+                  guidance=torch.full([2 * B], SKYREELS_EMBEDDED_GUIDANCE * 1000.0, device=x.device, dtype=dtype),
+                  return_dict=False)[0]
+        text, uncond = out.float().chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+    return out.float()
+
+
+def ddim_schedule(pipe, num_steps):
+    """SD's DDIM schedule: timesteps LongTensor[T] (descending) and alpha_bars Tensor[T + 1] with
+    alpha_bars[i] = alphas_cumprod[timesteps[i]] and alpha_bars[T] = final_alpha_cumprod, so step i goes from
+    alpha_bars[i] to alpha_bars[i + 1] (DDIMScheduler.step's prev_timestep = t - 1000 // T)."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # a copy: set_timesteps mutates the scheduler
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.long()  # [T]
+    alpha_bars = torch.cat([scheduler.alphas_cumprod[timesteps], scheduler.final_alpha_cumprod.reshape(1)])
+    return timesteps, alpha_bars.float()
+
+
+@torch.no_grad()
+def decode(pipe, latents, height, width):
+    """Clean latents (step layout) -> images [B, 3, H, W] or videos [B, T, 3, H, W], float in [0, 1]."""
+    family, vae = _family(pipe), pipe.vae
+    if family == "flux":
+        z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+    elif family == "sd":
+        z = latents / vae.config.scaling_factor
+    else:
+        z = latents / vae.config.scaling_factor  # [B, C, f, h, w]
+        video = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
+        return pipe.video_processor.postprocess_video(video, output_type="pt").float()
+    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
+    return pipe.image_processor.postprocess(image, output_type="pt").float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults
+# ----------------------------------------------------------------------------------------------------------------
+
+# Read off the official DanceGRPO scripts (see the README's table). grad_accum: samples per optimizer step on
+# each rank; micro_batch: (sample, timestep) pairs per forward/backward (the official code uses 1); keep:
+# best-of-N survivors per group.
+_DEFAULTS = {
+    "flux": dict(num_steps=16, shift=3.0, eta=0.3, guidance_scale=3.5, height=720, width=720, group_size=12,
+                 timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=4, micro_batch=4, reward="hps"),
+    "sd14": dict(num_steps=50, shift=None, eta=1.0, guidance_scale=5.0, height=512, width=512, group_size=16,
+                 timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=8, micro_batch=8, reward="hps"),
+    # official HunyuanVideo GRPO feeds guidance=6018.0 to the transformer (= 6.018 x 1000)
+    "hunyuan": dict(num_steps=16, shift=5.0, eta=0.25, guidance_scale=6.018, height=480, width=480, num_frames=53,
+                    group_size=24, keep=8, timestep_fraction=0.6, lr=1e-5, iterations=202, grad_accum=4,
+                    micro_batch=1, reward="videoalign_vq"),
+    "skyreels": dict(num_steps=16, shift=7.0, eta=0.3, guidance_scale=5.0, height=400, width=640, num_frames=53,
+                     group_size=8, keep=None, timestep_fraction=0.6, lr=1e-5, iterations=121, grad_accum=8,
+                     micro_batch=1, reward="videoalign_mq"),
+}
+# Tiny presets: the same sampler settings, small sizes, and enough samples per update (one update per
+# iteration) for a CPU demo to learn visibly in a few minutes.
+_TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_per_rank=4, lr=3e-3, iterations=40,
+                      grad_accum=32, micro_batch=64, reward="brightness")
+
+
+def model_defaults(model):
+    """Paper defaults for a real name; small CPU-friendly values (same sampler settings) for a tiny preset."""
+    family = FAMILY[model]
+    real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels"}[family]
+    d = dict(_DEFAULTS[real], prompts_per_rank=1)
+    if model in TINY:
+        d.update(_TINY_DEFAULTS)
+        if family in ("hunyuan", "skyreels"):
+            d.update(num_frames=9, keep=4 if family == "hunyuan" else None)
+    return d

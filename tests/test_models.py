@@ -1,0 +1,259 @@
+"""models.py: the tiny presets go through the real diffusers pipelines, predict() matches what those pipelines do,
+and the conventions (layouts, timestep scaling, CFG, DDIM schedule) hold. All offline, CPU, seconds."""
+import time
+
+import pytest
+import torch
+
+import models
+
+# Tiny models: one intra-op thread. With two threads on a 2-core machine that is busy elsewhere, OpenMP spinning
+# makes these ~1 ms ops 10-100x slower (the whole file: ~5 s with one thread, >60 s with two under load).
+torch.set_num_threads(1)
+
+H = W = 32
+FRAMES = 9
+PROMPTS = ["a photo of a cat", "a red car on a wet road, at night", "Zebra! 日本"]
+REAL = {"tiny-flux": "flux", "tiny-sd": "sd14", "tiny-hunyuan": "hunyuan", "tiny-skyreels": "skyreels"}
+
+
+@pytest.fixture(scope="module", params=models.TINY)
+def tiny(request):
+    """(name, pipeline, prompt conditioning, extra) for one tiny preset, built once per module."""
+    name = request.param
+    pipe = models.load_pipeline(name)
+    cond = models.encode_prompts(pipe, PROMPTS, "cpu")
+    extra = None
+    if name == "tiny-skyreels":
+        extra = models.encode_image_condition(pipe, torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(1)),
+                                              FRAMES, torch.Generator().manual_seed(2))
+    return name, pipe, cond, extra
+
+
+def frames(name):
+    return FRAMES if models.FAMILY[name] in ("hunyuan", "skyreels") else None
+
+
+def timesteps(name, n, value=0.7):
+    """t: Tensor[n], a sigma for flow models, an integer DDPM timestep for SD."""
+    if models.FAMILY[name] == "sd":
+        return torch.full([n], int(value * 1000), dtype=torch.long)
+    return torch.full([n], value)
+
+
+def noise(pipe, name, n, seed=0):
+    return models.initial_noise(pipe, n, H, W, frames(name), torch.Generator().manual_seed(seed))
+
+
+def test_tiny_weights_are_seeded_and_leave_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = models.load_pipeline("tiny-flux"), models.load_pipeline("tiny-flux")
+    assert torch.equal(state, torch.get_rng_state())
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    c = models.load_pipeline("tiny-flux", seed=1)
+    assert not torch.equal(a.transformer.proj_out.weight, c.transformer.proj_out.weight)
+
+
+def test_encode_prompts_is_batch_first(tiny):
+    name, pipe, cond, _ = tiny
+    assert cond, name
+    for key, value in cond.items():
+        assert value.shape[0] == len(PROMPTS), key
+    idx = torch.tensor([2, 2, 0])  # the train scripts index the conditioning with sample indices
+    assert all(v[idx].shape[0] == 3 for v in cond.values())
+    assert not torch.equal(cond["prompt_embeds"][0], cond["prompt_embeds"][1])
+    if models.FAMILY[name] in ("sd", "skyreels"):  # unconditional branch: the empty prompt, same for every sample
+        neg = cond["negative_prompt_embeds"]
+        assert neg.shape == cond["prompt_embeds"].shape and torch.equal(neg[0], neg[2])
+
+
+def test_initial_noise_layout_and_reproducibility(tiny):
+    name, pipe, _, _ = tiny
+    x = noise(pipe, name, 2)
+    expected = {"flux": (2, (H // 2 // 2) * (W // 2 // 2), 64), "sd": (2, 4, H // 4, W // 4),
+                "hunyuan": (2, 4, 3, H // 4, W // 4), "skyreels": (2, 4, 3, H // 4, W // 4)}[models.FAMILY[name]]
+    assert x.shape == expected and x.dtype == torch.float32
+    assert torch.equal(x, noise(pipe, name, 2))
+    assert not torch.equal(x, noise(pipe, name, 2, seed=1))
+
+
+def test_predict_shape_finite_and_prompt_dependent(tiny):
+    name, pipe, cond, extra = tiny
+    x = noise(pipe, name, 1).repeat(3, *[1] * (noise(pipe, name, 1).dim() - 1))  # same latents for all prompts
+    with torch.no_grad():
+        out = models.predict(pipe, x, timesteps(name, 3), cond, models.model_defaults(name)["guidance_scale"], H, W,
+                             extra)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+
+
+def test_predict_gradients_flow_and_match_no_grad(tiny):
+    name, pipe, cond, extra = tiny
+    x, t, g = noise(pipe, name, 3), timesteps(name, 3), models.model_defaults(name)["guidance_scale"]
+    net = models.trained_module(pipe)
+    net.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ref = models.predict(pipe, x, t, cond, g, H, W, extra)
+    out = models.predict(pipe, x, t, cond, g, H, W, extra)
+    assert torch.equal(out, ref)  # rollout (no_grad) and training recompute give the same numbers: ratio = 1
+    out.square().mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and sum(gr.abs().sum() for gr in grads) > 0
+    frozen = [m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module) and m is not net]
+    assert frozen and not any(p.requires_grad for m in frozen for p in m.parameters())
+    net.zero_grad(set_to_none=True)
+
+
+def test_decode_gives_pictures_in_unit_range(tiny):
+    name, pipe, _, _ = tiny
+    x = noise(pipe, name, 2)
+    pictures = models.decode(pipe, x, H, W)
+    shape = (2, FRAMES, 3, H, W) if frames(name) else (2, 3, H, W)
+    assert pictures.shape == shape and pictures.min() >= 0 and pictures.max() <= 1
+
+
+def test_save_pretrained_round_trip_through_real_loading_path(tiny, tmp_path):
+    name, pipe, cond, extra = tiny
+    pipe.save_pretrained(tmp_path)
+    loaded = models.load_pipeline(REAL[name], model_path=str(tmp_path))
+    assert type(loaded) is type(pipe) and type(loaded.scheduler) is type(pipe.scheduler)
+    cond2 = models.encode_prompts(loaded, PROMPTS, "cpu")
+    assert all(torch.equal(cond[k], cond2[k]) for k in cond)
+    x, t, g = noise(pipe, name, 3), timesteps(name, 3), models.model_defaults(name)["guidance_scale"]
+    with torch.no_grad():
+        assert torch.equal(models.predict(pipe, x, t, cond, g, H, W, extra),
+                           models.predict(loaded, x, t, cond2, g, H, W, extra))
+
+
+def test_real_name_without_weights_fails_fast():
+    start = time.time()
+    with pytest.raises(RuntimeError) as err:
+        models.load_pipeline("flux")
+    assert time.time() - start < 10
+    assert "--model_path" in str(err.value) and "tiny-flux" in str(err.value)
+    with pytest.raises(RuntimeError, match="--model_path"):
+        models.load_pipeline("sd14", model_path="/nonexistent/weights")
+    with pytest.raises(ValueError):
+        models.load_pipeline("flux2")
+
+
+def _euler_velocity(out_latents, x):
+    """One Euler step from sigma = 1 to 0: out = x + (0 - 1) * v, so v = x - out."""
+    return x - out_latents
+
+
+def test_flux_predict_matches_flux_pipeline():
+    """Independent reference: FluxPipeline.__call__ with one step from sigma 1 (timestep / 1000, guidance embed)."""
+    pipe = models.load_pipeline("tiny-flux")
+    cond = models.encode_prompts(pipe, PROMPTS[:2], "cpu")
+    x = noise(pipe, "tiny-flux", 2)
+    out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], latents=x,
+               height=H, width=W, num_inference_steps=1, sigmas=[1.0], guidance_scale=3.5, output_type="latent").images
+    v = models.predict(pipe, x, torch.ones(2), cond, 3.5, H, W)
+    torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-5, rtol=1e-5)
+    packed, _ = pipe.prepare_latents(2, 16, H, W, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(packed, x)  # the pipeline's own noise draw
+
+
+def test_hunyuan_predict_matches_hunyuan_pipeline():
+    pipe = models.load_pipeline("tiny-hunyuan")
+    cond = models.encode_prompts(pipe, PROMPTS[:2], "cpu")
+    x = noise(pipe, "tiny-hunyuan", 2)
+    out = pipe(prompt=PROMPTS[:2], latents=x, height=H, width=W, num_frames=FRAMES, num_inference_steps=1,
+               sigmas=[1.0], guidance_scale=6.0, output_type="latent",
+               prompt_template=models._hunyuan_template(pipe.tokenizer)).frames
+    v = models.predict(pipe, x, torch.ones(2), cond, 6.0, H, W)
+    torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-5, rtol=1e-5)
+
+
+def test_skyreels_predict_matches_pipeline_and_depends_on_image():
+    """HunyuanSkyreelsImageToVideoPipeline with true CFG against the empty prompt and embedded guidance 1."""
+    pipe = models.load_pipeline("tiny-skyreels")
+    cond = models.encode_prompts(pipe, PROMPTS[:2], "cpu")
+    image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(3))
+    extra = models.encode_image_condition(pipe, image, FRAMES, torch.Generator().manual_seed(4))
+    lat = extra["image_latents"]  # [B, C, f, h, w]: the first frame's latent, zeros after it
+    assert lat.shape == (2, 4, 3, H // 4, W // 4) and lat[:, :, 1:].abs().max() == 0 and lat[:, :, 0].abs().max() > 0
+    x = noise(pipe, "tiny-skyreels", 2)
+    out = pipe(image=image, prompt=PROMPTS[:2], negative_prompt=["", ""], latents=x, height=H, width=W,
+               num_frames=FRAMES, num_inference_steps=1, sigmas=[1.0], true_cfg_scale=5.0, guidance_scale=1.0,
+               output_type="latent", generator=torch.Generator().manual_seed(4),
+               prompt_template=models._hunyuan_template(pipe.tokenizer)).frames
+    v = models.predict(pipe, x, torch.ones(2), cond, 5.0, H, W, extra)
+    torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-4, rtol=1e-4)
+    other = models.encode_image_condition(pipe, 1 - image, FRAMES, torch.Generator().manual_seed(4))
+    assert not torch.allclose(v, models.predict(pipe, x, torch.ones(2), cond, 5.0, H, W, other))
+
+
+def test_hunyuan_prompt_template_crop_keeps_only_the_prompt():
+    pipe = models.load_pipeline("tiny-hunyuan")
+    template = models._hunyuan_template(pipe.tokenizer)
+    ids = pipe.tokenizer(template["template"].format("zebra")).input_ids
+    kept = pipe.tokenizer.convert_ids_to_tokens(ids[template["crop_start"]:])
+    assert "".join(kept).startswith("zebra")
+    mask = models.encode_prompts(pipe, ["zebra", ""], "cpu")["prompt_attention_mask"]  # [B, 256], right padded
+    assert mask.shape == (2, models.HUNYUAN_TEXT_LEN) and mask[0, :5].all() and mask[1].sum() < mask[0].sum()
+
+
+def test_sd_ddim_schedule_matches_ddim_scheduler():
+    pipe = models.load_pipeline("tiny-sd")
+    timesteps, alpha_bars = models.ddim_schedule(pipe, 50)
+    acp = pipe.scheduler.alphas_cumprod
+    assert timesteps.dtype == torch.long and timesteps.shape == (50,) and alpha_bars.shape == (51,)
+    assert timesteps[0] == 981 and timesteps[-1] == 1  # SD v1.4: steps_offset = 1
+    assert alpha_bars[0] == acp[981] and alpha_bars[-1] == acp[0]  # set_alpha_to_one = False
+    assert (alpha_bars[1:] > alpha_bars[:-1]).all()
+    # independent reference: DDIMScheduler.step with eta = 0 goes from alpha_bars[i] to alpha_bars[i + 1]
+    sched = pipe.scheduler
+    sched.set_timesteps(50)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i in (0, 17, 49):
+        a, a_prev = alpha_bars[i], alpha_bars[i + 1]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        mine = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        torch.testing.assert_close(mine, sched.step(eps, timesteps[i], x, eta=0.0).prev_sample)
+
+
+def test_sd_cfg_equals_two_separate_unet_calls():
+    pipe = models.load_pipeline("tiny-sd")
+    cond = models.encode_prompts(pipe, PROMPTS, "cpu")
+    x, t = noise(pipe, "tiny-sd", 3), torch.tensor([981, 501, 21])
+    with torch.no_grad():
+        guided = models.predict(pipe, x, t, cond, 5.0, H, W)
+        uncond = pipe.unet(x, t, encoder_hidden_states=cond["negative_prompt_embeds"]).sample
+        text = pipe.unet(x, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+        plain = models.predict(pipe, x, t, cond, 1.0, H, W)
+    torch.testing.assert_close(guided, uncond + 5.0 * (text - uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, text)
+
+
+@pytest.mark.parametrize("name", models.TINY)
+def test_bf16_pipeline_returns_float32_prediction(name):
+    pipe = models.load_pipeline(name, dtype=torch.bfloat16)
+    cond = models.encode_prompts(pipe, PROMPTS[:2], "cpu")
+    assert cond["prompt_embeds"].dtype == torch.bfloat16
+    extra = None
+    if name == "tiny-skyreels":
+        extra = models.encode_image_condition(pipe, torch.rand(2, 3, H, W), FRAMES)
+    x, g = noise(pipe, name, 2), models.model_defaults(name)["guidance_scale"]
+    out = models.predict(pipe, x, timesteps(name, 2), cond, g, H, W, extra)
+    assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.isfinite(models.decode(pipe, x, H, W)).all()
+
+
+def test_model_defaults():
+    flux, sd, hunyuan, sky = (models.model_defaults(m) for m in ("flux", "sd14", "hunyuan", "skyreels"))
+    assert (flux["num_steps"], flux["shift"], flux["eta"], flux["group_size"], flux["timestep_fraction"]) == \
+        (16, 3.0, 0.3, 12, 0.6)
+    assert (sd["num_steps"], sd["eta"], sd["guidance_scale"], sd["timestep_fraction"]) == (50, 1.0, 5.0, 1.0)
+    assert (hunyuan["shift"], hunyuan["eta"], hunyuan["group_size"], hunyuan["keep"]) == (5.0, 0.25, 24, 8)
+    assert (sky["shift"], sky["height"], sky["width"], sky["num_frames"], sky["guidance_scale"]) == \
+        (7.0, 400, 640, 53, 5.0)
+    for d in (flux, sd, hunyuan, sky):
+        assert d["lr"] == 1e-5
+    for name in models.TINY:
+        d = models.model_defaults(name)
+        assert d["height"] == H and d["width"] == W and d["num_steps"] <= 10 and d["lr"] >= 1e-4
+        assert d.get("num_frames") == frames(name)

@@ -1,0 +1,491 @@
+"""DanceGRPO for text-to-image: FLUX.1-dev (flow SDE) and Stable Diffusion v1.4 (DDIM SDE).
+
+  python train_image.py --model tiny-flux --reward brightness --output_dir runs/tiny-flux   # CPU, offline
+  torchrun --nproc_per_node=8 train_image.py --model flux --model_path /weights/FLUX.1-dev --prompts prompts.txt
+
+One iteration follows the paper's Algorithm 1:
+  1. setup (once)   2. rollout   3. reward   4. advantages   5. policy update   6. log and save
+Every default is the paper's setting for the chosen model (models.model_defaults); tiny presets
+pick small sizes that train on a laptop CPU in minutes. train_video.py reuses the pieces below.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import grpo
+import models
+import rewards
+import sde
+
+IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd")
+DEFAULT_PROMPTS = [
+    "a photo of a cat", "a red sports car on a mountain road", "a bowl of fruit on a wooden table",
+    "a lighthouse at sunset", "an astronaut riding a horse", "a cozy cabin in the snow",
+    "a watercolor painting of a fox", "a city skyline at night", "a cup of coffee with latte art",
+    "a field of sunflowers", "a portrait of an old fisherman", "a dragon made of clouds",
+    "a bicycle leaning on a brick wall", "a tropical beach with palm trees", "a robot reading a book",
+    "a plate of sushi",
+]
+
+
+# ----------------------------------------------------------------------------- 0. arguments
+
+def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
+    """Arguments left at None take the chosen model's paper default (models.model_defaults)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=model_choices[2], choices=model_choices)
+    p.add_argument("--model_path", help="local folder with the diffusers weights of --model")
+    p.add_argument("--reward", help="comma-separated name[:weight] or name@threshold, e.g. hps:0.7,clip:1.4")
+    p.add_argument("--prompts", help="text file, one prompt a line (default: 16 built-in prompts)")
+    p.add_argument("--output_dir", help="default: runs/<model>")
+    p.add_argument("--iterations", type=int, help="GRPO iterations (rollout + update)")
+    p.add_argument("--group_size", type=int, help="samples per prompt, G")
+    p.add_argument("--prompts_per_rank", type=int, help="prompt groups each rank rolls out per iteration")
+    p.add_argument("--num_steps", type=int, help="sampling steps T")
+    p.add_argument("--eta", type=float, help="SDE noise scale")
+    p.add_argument("--shift", type=float, help="SD3 time shift of the flow schedule")
+    p.add_argument("--guidance_scale", type=float, help="embedded guidance (FLUX) or CFG scale (SD)")
+    p.add_argument("--timestep_fraction", type=float, help="fraction of the T-1 trainable steps each sample trains")
+    p.add_argument("--clip_range", type=float, default=1e-4)
+    p.add_argument("--adv_clip", type=float, default=5.0)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--grad_accum", type=int, help="samples per optimizer step on each rank (official: 4 FLUX, 8 SD)")
+    p.add_argument("--micro_batch", type=int, help="(sample, timestep) pairs per forward/backward")
+    p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
+    p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="samples of one group share their initial noise")
+    p.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tune, else LoRA rank (peft)")
+    p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: at the end only)")
+    p.add_argument("--sample_every", type=int, help="iterations between sample grids")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
+    return p
+
+
+def parse_args(argv=None, model_choices=IMAGE_MODELS):
+    parser = build_parser(model_choices)
+    args = parser.parse_args(argv)
+    if args.lr is None and args.lora_rank and not args.model.startswith("tiny"):
+        args.lr = 3e-4  # the official FLUX LoRA script
+    for key, value in models.model_defaults(args.model).items():  # paper defaults fill what was not given
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.resolution:
+        args.height = args.width = args.resolution
+    args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
+    args.output_dir = Path(args.output_dir or f"runs/{args.model}")
+    args.checkpoint_every = args.checkpoint_every or args.iterations
+    args.sample_every = args.sample_every or max(1, args.iterations // 4)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def check_args(args) -> str | None:
+    """One line naming the bad argument and why, or None."""
+    if args.group_size < 2:
+        return f"--group_size must be >= 2 (advantages compare samples of one prompt), got {args.group_size}"
+    if not 0 < args.timestep_fraction <= 1:
+        return f"--timestep_fraction must be in (0, 1], got {args.timestep_fraction}"
+    if int((args.num_steps - 1) * args.timestep_fraction) < 1:
+        return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
+    if args.eta <= 0:
+        return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
+    for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "height", "width"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.clip_range <= 0 or args.adv_clip <= 0 or args.lr <= 0:
+        return "--clip_range, --adv_clip and --lr must be > 0"
+    if args.prompts and not Path(args.prompts).is_file():
+        return f"--prompts {args.prompts}: no such file"
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        return f"--output_dir {args.output_dir} exists and is not a directory"
+    try:
+        rewards.parse_reward_spec(args.reward)
+    except ValueError as e:
+        return f"--reward: {e}"
+    return None
+
+
+def read_prompts(path) -> list[str]:
+    if path is None:
+        return DEFAULT_PROMPTS
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: --prompts {path} holds no prompt")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- 1. setup
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE; a plain `python` run is one process without a process group."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on recent cuDNN
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def prepare_policy(pipe, args, device):
+    """The trained network: LoRA adapters or all weights, sharded with FSDP2 across ranks.
+
+    On CUDA: bf16 compute with fp32 master weights, activation checkpointing. Frozen parts
+    (text encoders, VAE) run in bf16 there.
+    """
+    net = models.trained_module(pipe)
+    net.requires_grad_(args.lora_rank == 0)
+    if args.lora_rank:
+        from peft import LoraConfig
+        net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cuda = device.type == "cuda"
+    pipe.to(device)
+    if cuda:
+        for name, part in pipe.components.items():
+            if isinstance(part, torch.nn.Module) and part is not net:
+                part.to(torch.bfloat16)
+        net.enable_gradient_checkpointing()
+    if dist.is_initialized():
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+        for module in reversed(list(net.modules())):  # each transformer block its own FSDP unit, inner first
+            if type(module).__name__ in net._no_split_modules:
+                fully_shard(module, mp_policy=mp)
+        fully_shard(net, mp_policy=mp)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    return net, params, optimizer
+
+
+def autocast(device):
+    """bf16 compute on CUDA (FSDP2 casts by itself; a single process uses autocast), fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and not dist.is_initialized())
+
+
+def seeded(*keys, device="cpu") -> torch.Generator:
+    """A generator seeded by a tuple (seed, iteration, rank, ...): draws are reproducible on resume
+    and distinct across ranks and iterations."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63)
+    return torch.Generator(device).manual_seed(seed)
+
+
+def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
+    """The prompts a rank rolls out: a fresh permutation of the prompt list every epoch."""
+    out = []
+    for p in range(per_rank):
+        index = (iteration * world + rank) * per_rank + p
+        epoch, position = divmod(index, len(prompts))
+        out.append(prompts[torch.randperm(len(prompts), generator=seeded(seed, epoch))[position]])
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. rollout
+
+def schedule_for(pipe, args):
+    """(schedule [T+1] the SDE steps along, model_t [T] the network's timestep at each step, kind)."""
+    if models.FAMILY[args.model] == "sd":
+        timesteps, alpha_bars = models.ddim_schedule(pipe, args.num_steps)
+        return alpha_bars, timesteps, "ddim"
+    sigmas = sde.flow_sigmas(args.num_steps, args.shift)
+    return sigmas, sigmas[:-1], "flow"
+
+
+@torch.no_grad()
+def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, extra=None):
+    """Roll out a batch with the SDE: latents [B, T+1, ...], log_probs [B, T], final [B, ...]."""
+    device = noise.device
+
+    def denoise(x, i):
+        with autocast(device):
+            t = model_t[i].to(device).expand(x.shape[0])
+            return models.predict(pipe, x, t, cond, args.guidance_scale, args.height, args.width, extra)
+    return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
+
+
+# ----------------------------------------------------------------------------- 5. policy update
+
+def policy_update(pipe, net, params, optimizer, batch, args, device):
+    """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
+
+    batch: latents [N, T+1, ...], log_probs [N, T], advantages [N], steps [N, k] (selected),
+    cond (batch-first dict), schedule, model_t, kind, extra. One optimizer step per
+    `grad_accum` samples (as the official code), gradients accumulated over their k timesteps
+    in micro-batches of `micro_batch` pairs. Returns a dict of statistics.
+    """
+    n, k = batch["steps"].shape
+    step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
+    schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
+    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
+    num_updates = math.ceil(n / args.grad_accum)
+    net.train()
+    for u in range(num_updates):
+        samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
+        pair_sample = samples.repeat_interleave(k)  # [P]
+        pair_step = batch["steps"][samples].flatten()  # [P]
+        num_pairs = len(pair_sample)
+        ratios = []
+        for start in range(0, num_pairs, args.micro_batch):
+            b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]
+            x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)
+            cond = {key: v[b] for key, v in batch["cond"].items()}
+            extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
+            with autocast(device):
+                out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
+            _, log_prob, _, _ = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)
+            old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][b].to(device)
+            loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range) * len(b) / num_pairs
+            loss.backward()
+            ratio = torch.exp(log_prob.detach() - old_log_prob)
+            ratios.append(ratio)
+            stats["loss"] += loss.item() / num_updates
+        ratios = torch.cat(ratios)
+        if u == 0:
+            stats["first_ratio_error"] = (ratios - 1).abs().max().item()  # exactly 0 up to numerics
+        stats["clip_fraction"] += ((ratios - 1).abs() > args.clip_range).float().mean().item() / num_updates
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a non-finite loss or gradient: skip this update, keep the weights finite
+            stats["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        stats["grad_norm"] += grad_norm.item() / num_updates
+    net.eval()
+    return stats
+
+
+# ----------------------------------------------------------------------------- 6. log and save
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a [N, ...] tensor over ranks (rank order)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def to_pil(images: torch.Tensor):
+    """[B, 3, H, W] in [0, 1] -> list of PIL images."""
+    from diffusers.image_processor import VaeImageProcessor
+    return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.float().cpu()))
+
+
+def save_reward_curve(path, metrics: list[dict]):
+    """A plain line plot of reward_mean per iteration (PIL only, no matplotlib)."""
+    from PIL import Image, ImageDraw
+    ys = [m["reward_mean"] for m in metrics]
+    w, h, pad = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1e-6
+    pts = [(pad + (w - 2 * pad) * i / max(1, len(ys) - 1), h - pad - (h - 2 * pad) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
+    d.rectangle([pad, pad, w - pad, h - pad], outline="gray")
+    if len(pts) > 1:
+        d.line(pts, fill="blue", width=2)
+    d.text((pad, 10), f"reward_mean   min {lo:.4g}   max {hi:.4g}   iterations {len(ys)}", fill="black")
+    img.save(path)
+
+
+def save_checkpoint(pipe, net, optimizer, args, iteration, rank):
+    """checkpoint-<iteration>/: the network as a diffusers folder (or LoRA weights loadable with
+    load_lora_weights) and trainer_state.pt. Written to a temporary folder, then renamed, so a
+    crash mid-save leaves the previous checkpoint whole. All ranks must call (FSDP gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(net, options=opts)
+    optim_state = get_optimizer_state_dict(net, optimizer, options=opts)
+    if rank == 0:
+        from safetensors.torch import save_file
+        final = args.output_dir / f"checkpoint-{iteration:06d}"
+        tmp = args.output_dir / f".tmp-checkpoint-{iteration:06d}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+        if args.lora_rank:
+            lora = {k: v for k, v in model_state.items() if "lora_" in k}
+            layers = {k.replace(".default", ""): v for k, v in lora.items()}
+            type(pipe).save_lora_weights(tmp, **{f"{subfolder}_lora_layers": layers})
+            trained = lora
+        else:
+            (tmp / subfolder).mkdir(exist_ok=True)
+            net_config = models.trained_module(pipe)
+            net_config.save_config(tmp / subfolder)
+            save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / subfolder / "diffusion_pytorch_model.safetensors")
+            trained = None
+        torch.save({"iteration": iteration, "optimizer": optim_state, "lora": trained, "model": args.model,
+                    "lora_rank": args.lora_rank}, tmp / "trainer_state.pt")
+        if final.exists():
+            import shutil
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def find_checkpoint(args) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        done = sorted(args.output_dir.glob("checkpoint-*/trainer_state.pt"))
+        return done[-1].parent if done else None
+    path = Path(args.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise SystemExit(f"error: --resume {path} is not a complete checkpoint (no trainer_state.pt)")
+    return path
+
+
+def load_checkpoint(path, pipe, net, optimizer, args) -> int:
+    """Restore weights and optimizer; returns the iteration to start from."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state["model"] != args.model or state["lora_rank"] != args.lora_rank:
+        raise SystemExit(f"error: --resume {path} holds a {state['model']} checkpoint with lora_rank {state['lora_rank']}, "
+                         f"not {args.model} with lora_rank {args.lora_rank}")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    if state["lora"] is not None:
+        weights = state["lora"]
+    else:
+        subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+        weights = load_file(path / subfolder / "diffusion_pytorch_model.safetensors")
+    set_model_state_dict(net, weights, options=opts)
+    set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    return state["iteration"]
+
+
+def log_iteration(args, metrics_row, history, rank):
+    """metrics.jsonl gets every number; the terminal one line."""
+    if rank != 0:
+        return
+    history.append(metrics_row)
+    with open(args.output_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics_row) + "\n")
+    save_reward_curve(args.output_dir / "reward_curve.png", history)
+    tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
+               f" | loss {metrics_row['loss']:+.3e} | clip {metrics_row['clip_fraction']:.2f}"
+               f" | grad {metrics_row['grad_norm']:.3g} | {metrics_row['samples_per_s']:.2f} samples/s")
+
+
+def load_history(args, start) -> list[dict]:
+    """metrics.jsonl rows before `start` (a resumed run drops rows of iterations it will redo)."""
+    path = args.output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [r for r in rows if r["iteration"] < start]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main: Algorithm 1
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = read_prompts(args.prompts)
+    specs = rewards.parse_reward_spec(args.reward)
+    rank, world, device = setup_distributed()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "samples").mkdir(exist_ok=True)
+
+    # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
+    try:
+        pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
+        scorers = rewards.build_scorers(specs, device)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    net, params, optimizer = prepare_policy(pipe, args, device)
+    schedule, model_t, kind = schedule_for(pipe, args)
+    checkpoint = find_checkpoint(args)
+    start = load_checkpoint(checkpoint, pipe, net, optimizer, args) if checkpoint else 0
+    history = load_history(args, start) if rank == 0 else []
+    fixed = dict(prompts=prompts[:4], noise=models.initial_noise(pipe, 4, args.height, args.width, None, seeded(args.seed, 999)))
+    if rank == 0:
+        print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{args.group_size} samples per rank, "
+              f"{args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
+
+    for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
+        t0 = time.time()
+        # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
+        group_prompts = prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
+        batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
+        cond = models.encode_prompts(pipe, batch_prompts, device)
+        noise = sde.group_noise(len(group_prompts), args.group_size, fixed["noise"].shape[1:], seeded(args.seed, iteration, rank),
+                                args.same_noise).to(device)
+        latents, log_probs, final = sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args,
+                                           seeded(args.seed, iteration, rank, 1, device=device))
+
+        # 3. reward: decode and score in memory
+        with torch.no_grad(), autocast(device):
+            images = models.decode(pipe, final, args.height, args.width)  # [N, 3, H, W] in [0, 1]
+            scores = torch.stack([s(images, batch_prompts).float() for s in scorers])  # [K, N]
+
+        # 4. advantages per group and per reward, summed with weights; timesteps per sample
+        advantages = grpo.multi_reward_advantages(scores, [s.weight for s in specs], args.group_size, args.adv_clip)
+        steps = grpo.select_timesteps(args.num_steps, args.timestep_fraction, len(batch_prompts),
+                                      seeded(args.seed, iteration, rank, 2))
+
+        # 5. policy update on the selected timesteps
+        batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
+                     schedule=schedule, model_t=model_t, kind=kind, extra=None)
+        if torch.isfinite(advantages).all():
+            stats = policy_update(pipe, net, params, optimizer, batch, args, device)
+        else:  # a reward gave NaN/Inf: no update from this rollout
+            stats = dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
+
+        # 6. log and save
+        all_scores = gather(scores.to(device))  # [K, N * world] via cat on dim 0 -> [world*K, N]
+        all_scores = all_scores.view(world, len(specs), -1).permute(1, 0, 2).flatten(1)  # [K, N * world]
+        total = sum(s.weight * r for s, r in zip(specs, all_scores))
+        row = dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
+                   **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats,
+                   samples_per_s=len(batch_prompts) * world / (time.time() - t0), time_s=time.time() - t0, world_size=world)
+        log_iteration(args, row, history, rank)
+        if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
+            save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
+        if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
+            save_checkpoint(pipe, net, optimizer, args, iteration + 1, rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank):
+    """A grid of fixed prompts and fixed noise, sampled deterministically (eta = 0): the same
+    picture at every save, so the grids show what training changed."""
+    from diffusers.utils import make_image_grid
+    cond = models.encode_prompts(pipe, fixed["prompts"], device)
+    _, _, final = sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, kind, 0.0, args, None)
+    with autocast(device):
+        images = models.decode(pipe, final, args.height, args.width)
+    if rank == 0:
+        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
+            args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -193,11 +193,16 @@ def seeded(*keys, device="cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
+def group_ids(iteration, rank, world, per_rank) -> list[int]:
+    """Global indices of the prompt groups a rank rolls out in an iteration. Every seed of a group
+    is keyed by its index, so a run draws the same samples whatever the number of ranks."""
+    return [(iteration * world + rank) * per_rank + p for p in range(per_rank)]
+
+
 def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
     """The prompts a rank rolls out: a fresh permutation of the prompt list every epoch."""
     out = []
-    for p in range(per_rank):
-        index = (iteration * world + rank) * per_rank + p
+    for index in group_ids(iteration, rank, world, per_rank):
         epoch, position = divmod(index, len(prompts))
         out.append(prompts[torch.randperm(len(prompts), generator=seeded(seed, epoch))[position]])
     return out
@@ -226,45 +231,76 @@ def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, ext
     return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
 
 
+def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, args, iteration, extra=None):
+    """Roll out each prompt group as one batch of G samples (DanceGRPO Alg. 1, line 4).
+
+    cond / extra: batch-first dicts for all N = len(groups) * G samples, groups consecutive.
+    Group g draws its shared initial noise from seeded(seed, iteration, g) and its SDE noise from
+    seeded(seed, iteration, g, 1). Returns latents [N, T+1, ...], log_probs [N, T], final [N, ...].
+    """
+    G, device = args.group_size, next(iter(cond.values())).device
+    outs = []
+    for i, g in enumerate(groups):
+        part = slice(i * G, (i + 1) * G)
+        noise = sde.group_noise(1, G, noise_shape, seeded(args.seed, iteration, g), args.same_noise).to(device)
+        outs.append(sample(pipe, {k: v[part] for k, v in cond.items()}, noise, schedule, model_t, kind, args.eta, args,
+                           seeded(args.seed, iteration, g, 1, device=device),
+                           {k: v[part] for k, v in extra.items()} if extra else None))
+    return tuple(torch.cat(t) for t in zip(*outs))
+
+
+def timesteps_for(groups, args, iteration) -> torch.Tensor:
+    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2)."""
+    return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
+                                            seeded(args.seed, iteration, g, 2)) for g in groups])
+
+
 # ----------------------------------------------------------------------------- 5. policy update
+
+def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
+    """Backward of the clipped loss (Eq. 3) averaged over the given (sample, timestep) pairs, in
+    micro-batches of `micro_batch` pairs, each a single batched forward at per-sample timesteps.
+
+    pair_sample, pair_step: LongTensor[P]. Returns (loss, ratios [P]); gradients accumulate in .grad.
+    """
+    step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
+    schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
+    total_loss, ratios = 0.0, []
+    for start in range(0, len(pair_sample), args.micro_batch):
+        b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]  # [m]
+        x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)  # [m, ...]
+        cond = {key: v[b] for key, v in batch["cond"].items()}
+        extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
+        with autocast(device):
+            out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
+        _, log_prob, _, _ = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
+        old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][b].to(device)
+        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range) * len(b) / len(pair_sample)
+        loss.backward()
+        total_loss += loss.item()
+        ratios.append(torch.exp(log_prob.detach() - old_log_prob))
+    return total_loss, torch.cat(ratios)
+
 
 def policy_update(pipe, net, params, optimizer, batch, args, device):
     """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
 
     batch: latents [N, T+1, ...], log_probs [N, T], advantages [N], steps [N, k] (selected),
     cond (batch-first dict), schedule, model_t, kind, extra. One optimizer step per
-    `grad_accum` samples (as the official code), gradients accumulated over their k timesteps
-    in micro-batches of `micro_batch` pairs. Returns a dict of statistics.
+    `grad_accum` samples (as the official code), over all their k selected timesteps.
+    A step whose gradient is not finite is skipped. Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
-    step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
-    schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
     stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
     num_updates = math.ceil(n / args.grad_accum)
     net.train()
     for u in range(num_updates):
         samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
-        pair_sample = samples.repeat_interleave(k)  # [P]
-        pair_step = batch["steps"][samples].flatten()  # [P]
-        num_pairs = len(pair_sample)
-        ratios = []
-        for start in range(0, num_pairs, args.micro_batch):
-            b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]
-            x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)
-            cond = {key: v[b] for key, v in batch["cond"].items()}
-            extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
-            with autocast(device):
-                out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
-            _, log_prob, _, _ = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)
-            old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][b].to(device)
-            loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range) * len(b) / num_pairs
-            loss.backward()
-            ratio = torch.exp(log_prob.detach() - old_log_prob)
-            ratios.append(ratio)
-            stats["loss"] += loss.item() / num_updates
-        ratios = torch.cat(ratios)
-        if u == 0:
-            stats["first_ratio_error"] = (ratios - 1).abs().max().item()  # exactly 0 up to numerics
+        pair_sample, pair_step = samples.repeat_interleave(k), batch["steps"][samples].flatten()  # [P], [P]
+        loss, ratios = accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device)
+        if u == 0:  # before the first step the policy is the rollout's: r = 1 up to numerics
+            stats["first_ratio_error"] = (ratios - 1).abs().max().item()
+        stats["loss"] += loss / num_updates
         stats["clip_fraction"] += ((ratios - 1).abs() > args.clip_range).float().mean().item() / num_updates
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -329,7 +365,9 @@ def save_checkpoint(pipe, net, optimizer, args, iteration, rank):
         if args.lora_rank:
             lora = {k: v for k, v in model_state.items() if "lora_" in k}
             layers = {k.replace(".default", ""): v for k, v in lora.items()}
-            type(pipe).save_lora_weights(tmp, **{f"{subfolder}_lora_layers": layers})
+            metadata = net.peft_config["default"].to_dict()  # rank and alpha, so load_lora_weights scales right
+            type(pipe).save_lora_weights(tmp, **{f"{subfolder}_lora_layers": layers,
+                                                 f"{subfolder}_lora_adapter_metadata": metadata})
             trained = lora
         else:
             (tmp / subfolder).mkdir(exist_ok=True)
@@ -405,6 +443,7 @@ def load_history(args, start) -> list[dict]:
 # ----------------------------------------------------------------------------- main: Algorithm 1
 
 def main(argv=None):
+    """Train; returns the pipeline and its trained network (sharded when run under torchrun)."""
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)
     specs = rewards.parse_reward_spec(args.reward)
@@ -431,13 +470,12 @@ def main(argv=None):
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
+        groups = group_ids(iteration, rank, world, args.prompts_per_rank)
         group_prompts = prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
-        noise = sde.group_noise(len(group_prompts), args.group_size, fixed["noise"].shape[1:], seeded(args.seed, iteration, rank),
-                                args.same_noise).to(device)
-        latents, log_probs, final = sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args,
-                                           seeded(args.seed, iteration, rank, 1, device=device))
+        latents, log_probs, final = rollout_groups(pipe, cond, groups, fixed["noise"].shape[1:], schedule, model_t,
+                                                   kind, args, iteration)
 
         # 3. reward: decode and score in memory
         with torch.no_grad(), autocast(device):
@@ -446,8 +484,7 @@ def main(argv=None):
 
         # 4. advantages per group and per reward, summed with weights; timesteps per sample
         advantages = grpo.multi_reward_advantages(scores, [s.weight for s in specs], args.group_size, args.adv_clip)
-        steps = grpo.select_timesteps(args.num_steps, args.timestep_fraction, len(batch_prompts),
-                                      seeded(args.seed, iteration, rank, 2))
+        steps = timesteps_for(groups, args, iteration)  # [N, k]
 
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
@@ -469,8 +506,7 @@ def main(argv=None):
             save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             save_checkpoint(pipe, net, optimizer, args, iteration + 1, rank)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return pipe, net
 
 
 @torch.no_grad()
@@ -489,3 +525,5 @@ def save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

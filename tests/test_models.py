@@ -9,7 +9,6 @@ import models
 
 # Tiny models: one intra-op thread. With two threads on a 2-core machine that is busy elsewhere, OpenMP spinning
 # makes these ~1 ms ops 10-100x slower (the whole file: ~5 s with one thread, >60 s with two under load).
-torch.set_num_threads(1)
 
 H = W = 32
 FRAMES = 9

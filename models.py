@@ -136,10 +136,11 @@ def _brightness_readable(vae, gain=5.0):
     """Make a random tiny VAE's decoder respond to its latents the way a trained one does.
 
     A random decoder's GroupNorms pin the image mean: every latent decodes to the same grey, and a
-    demo reward such as brightness has nothing to learn. Zeroing the scale of the inner norms turns
+    demo reward such as brightness has nothing to learn. The tiny configs use one norm group (so
+    the channels' relative means survive the last norm); zeroing the scale of the inner norms turns
     each residual block into identity + constant, so the decoder is close to a linear upsampler of
-    the latents, and a larger output convolution gives the images contrast. Weights only: the
-    config, the classes and save_pretrained / from_pretrained stay the real ones."""
+    the latents; a larger output convolution gives the images contrast. Weights and config values
+    only: the classes and save_pretrained / from_pretrained stay the real ones."""
     for m in vae.decoder.modules():
         if isinstance(m, torch.nn.GroupNorm) and m is not vae.decoder.conv_norm_out:
             m.weight.zero_()
@@ -154,7 +155,7 @@ def _tiny_flux():
     # 16 latent channels like FLUX's VAE; two blocks -> 2x downsampling (the real VAE has four blocks, 8x)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.3611,
+                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     _brightness_readable(vae)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
@@ -170,7 +171,7 @@ def _tiny_sd():
     # three blocks -> 4x downsampling (SD's VAE: four blocks, 8x)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.18215)
+                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=0.18215)
     _brightness_readable(vae)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -190,7 +191,7 @@ def _tiny_hunyuan(cls=HunyuanVideoPipeline, in_channels=4):
     vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 16),
                                     down_block_types=("HunyuanVideoDownBlock3D",) * 3,
                                     up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
-                                    norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4)
+                                    norm_num_groups=1, spatial_compression_ratio=4, temporal_compression_ratio=4)
     _brightness_readable(vae)
     transformer = HunyuanVideoTransformer3DModel(in_channels=in_channels, out_channels=4, num_attention_heads=2,
                                                  attention_head_dim=16, num_layers=1, num_single_layers=1,

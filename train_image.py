@@ -74,8 +74,9 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, model_choices=IMAGE_MODELS):
-    parser = build_parser(model_choices)
+def parse_args(argv=None, model_choices=IMAGE_MODELS, parser=None):
+    """parser: build_parser(...) with extra flags added (train_video.py); default build_parser(model_choices)."""
+    parser = parser or build_parser(model_choices)
     args = parser.parse_args(argv)
     if args.lr is None and args.lora_rank and not args.model.startswith("tiny"):
         args.lr = 3e-4  # the official FLUX LoRA script
@@ -154,19 +155,21 @@ def prepare_policy(pipe, args, device):
     On CUDA: bf16 compute with fp32 master weights, activation checkpointing. Frozen parts
     (text encoders, VAE) run in bf16 there.
     """
-    net = models.trained_module(pipe)
+    net, cuda = models.trained_module(pipe), device.type == "cuda"
+    if cuda:  # frozen weights in bf16: text encoders, VAE, and the base network under LoRA
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module) and (part is not net or args.lora_rank):
+                part.to(torch.bfloat16)
+        net.enable_gradient_checkpointing()
     net.requires_grad_(args.lora_rank == 0)
-    if args.lora_rank:
+    if args.lora_rank:  # adapters on the attention projections, trained in fp32
         from peft import LoraConfig
         net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    cuda = device.type == "cuda"
+        for p in net.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     pipe.to(device)
-    if cuda:
-        for name, part in pipe.components.items():
-            if isinstance(part, torch.nn.Module) and part is not net:
-                part.to(torch.bfloat16)
-        net.enable_gradient_checkpointing()
     if dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()

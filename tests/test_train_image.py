@@ -95,13 +95,20 @@ def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
     assert (diff < 1e-6).float().mean() > 0.999 and diff.max() < 2 * 3e-3
 
 
-def test_resume_auto_continues_from_the_newest_checkpoint(tmp_path):
-    base = ["--model", "tiny-flux", "--output_dir", str(tmp_path), "--group_size", "2", "--prompts_per_rank", "1",
-            "--num_steps", "4", "--checkpoint_every", "1"]
-    train_image.main([*base, "--iterations", "2"])
-    train_image.main([*base, "--iterations", "3", "--resume", "auto"])
-    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1, 2]
-    assert (tmp_path / "checkpoint-000003" / "trainer_state.pt").is_file()
+def test_resume_is_exact(tmp_path):
+    """3 iterations in one go equal 2 iterations plus --resume auto to 3, bit for bit."""
+    base = ["--model", "tiny-flux", "--group_size", "2", "--prompts_per_rank", "2", "--num_steps", "4",
+            "--grad_accum", "2", "--checkpoint_every", "1"]
+    train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "straight")])
+    train_image.main([*base, "--iterations", "2", "--output_dir", str(tmp_path / "resumed")])
+    train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "resumed"), "--resume", "auto"])
+    assert [r["iteration"] for r in read_metrics(tmp_path / "resumed")] == [0, 1, 2]
+    a, b = tmp_path / "straight" / "checkpoint-000003", tmp_path / "resumed" / "checkpoint-000003"
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = torch.load(a / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    ob = torch.load(b / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k][s], ob[k][s]) for k in oa for s in oa[k])
 
 
 def test_real_model_without_weights_fails_fast_with_a_clear_message(tmp_path):

@@ -70,6 +70,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: at the end only)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
+    p.add_argument("--max_skipped", type=int, default=3,
+                   help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
     return p
 
@@ -105,9 +107,12 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
-    for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "height", "width"):
+    for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "height", "width", "max_skipped"):
         if getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
+    m = args.size_multiple
+    if args.height % m or args.width % m:
+        return f"--resolution/--height/--width must be multiples of {m} for {args.model}, got {args.height}x{args.width}"
     if args.clip_range <= 0 or args.adv_clip <= 0 or args.lr <= 0:
         return "--clip_range, --adv_clip and --lr must be > 0"
     if args.prompts and not Path(args.prompts).is_file():
@@ -256,6 +261,30 @@ def timesteps_for(groups, args, iteration) -> torch.Tensor:
     """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2)."""
     return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
                                             seeded(args.seed, iteration, g, 2)) for g in groups])
+
+
+# ----------------------------------------------------------------------------- 3. reward
+
+def score(scorers, x, prompts) -> torch.Tensor:
+    """Scores [K, N] of K rewards on images or videos x. A reward that reports non-finite scores
+    gives NaN for the batch: that iteration skips its update instead of learning from garbage."""
+    rows = []
+    for scorer in scorers:
+        try:
+            rows.append(scorer(x, prompts).float())
+        except FloatingPointError as e:
+            tqdm.write(f"warning: {e}; this update is skipped")
+            rows.append(torch.full((x.shape[0],), float("nan"), device=x.device))
+    return torch.stack(rows)
+
+
+def all_ranks(flag: bool, device) -> bool:
+    """True where every rank says True (ranks must agree to run collective updates)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 # ----------------------------------------------------------------------------- 5. policy update
@@ -470,6 +499,7 @@ def main(argv=None):
         print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{args.group_size} samples per rank, "
               f"{args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
 
+    skipped_in_a_row = 0
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
@@ -483,7 +513,7 @@ def main(argv=None):
         # 3. reward: decode and score in memory
         with torch.no_grad(), autocast(device):
             images = models.decode(pipe, final, args.height, args.width)  # [N, 3, H, W] in [0, 1]
-            scores = torch.stack([s(images, batch_prompts).float() for s in scorers])  # [K, N]
+            scores = score(scorers, images, batch_prompts)  # [K, N]
 
         # 4. advantages per group and per reward, summed with weights; timesteps per sample
         advantages = grpo.multi_reward_advantages(scores, [s.weight for s in specs], args.group_size, args.adv_clip)
@@ -492,10 +522,11 @@ def main(argv=None):
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
                      schedule=schedule, model_t=model_t, kind=kind, extra=None)
-        if torch.isfinite(advantages).all():
+        if all_ranks(bool(torch.isfinite(advantages).all()), device):
             stats = policy_update(pipe, net, params, optimizer, batch, args, device)
-        else:  # a reward gave NaN/Inf: no update from this rollout
+        else:  # a reward gave NaN/Inf on some rank: no update from this rollout
             stats = dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
+        skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
         all_scores = gather(scores.to(device))  # [K, N * world] via cat on dim 0 -> [world*K, N]
@@ -505,6 +536,9 @@ def main(argv=None):
                    **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats,
                    samples_per_s=len(batch_prompts) * world / (time.time() - t0), time_s=time.time() - t0, world_size=world)
         log_iteration(args, row, history, rank)
+        if skipped_in_a_row >= args.max_skipped:
+            raise SystemExit(f"error: {skipped_in_a_row} iterations in a row skipped their update for non-finite "
+                             f"rewards or gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:

@@ -126,6 +126,8 @@ def test_real_model_without_weights_fails_fast_with_a_clear_message(tmp_path):
     (["--reward", "nonsense"], "--reward"),
     (["--prompts", "/no/such/file"], "--prompts"),
     (["--model", "sdxl"], "--model"),
+    (["--resolution", "30"], "multiples of 4"),
+    (["--max_skipped", "0"], "--max_skipped"),
 ])
 def test_bad_arguments_are_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -140,3 +142,38 @@ def test_tiny_preset_learns_to_make_brighter_images(model, tmp_path):
                       "--iterations", "16", "--lr", "1e-2"])
     reward = [r["reward_mean"] for r in read_metrics(tmp_path)]
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.05
+
+
+def nan_on(iterations_with_nan):
+    """A brightness reward that reports NaN on the given calls (through rewards' own non-finite check)."""
+    import rewards
+    calls = {"n": 0}
+
+    def constructor(device):
+        def fn(x, prompts):
+            calls["n"] += 1
+            s = x.mean(dim=(1, 2, 3))
+            return s * float("nan") if calls["n"] - 1 in iterations_with_nan else s
+        return fn
+    return rewards._checked("brightness", constructor)
+
+
+def test_nan_reward_skips_that_update_and_keeps_weights_finite(tmp_path, monkeypatch):
+    import rewards
+    monkeypatch.setitem(rewards.REWARDS, "brightness", nan_on({1}))
+    train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "3",
+                      "--checkpoint_every", "1"])
+    rows = read_metrics(tmp_path)
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
+    w1, w2 = weights(tmp_path / "checkpoint-000001"), weights(tmp_path / "checkpoint-000002")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # no optimizer step on the NaN iteration
+    w3 = weights(tmp_path / "checkpoint-000003")
+    assert all(torch.isfinite(v).all() for v in w3.values()) and any(not torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_repeated_nan_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
+    import rewards
+    monkeypatch.setitem(rewards.REWARDS, "brightness", nan_on(set(range(100))))
+    with pytest.raises(SystemExit, match="3 iterations in a row"):
+        train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "10"])
+    assert len(read_metrics(tmp_path)) == 3

@@ -129,7 +129,10 @@ def check_args(args) -> str | None:
 def read_prompts(path) -> list[str]:
     if path is None:
         return DEFAULT_PROMPTS
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --prompts {path}: cannot read it as UTF-8 text ({e})")
     if not prompts:
         raise SystemExit(f"error: --prompts {path} holds no prompt")
     return prompts

@@ -177,3 +177,31 @@ def test_repeated_nan_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="3 iterations in a row"):
         train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "10"])
     assert len(read_metrics(tmp_path)) == 3
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_for_resume(tmp_path, monkeypatch):
+    import safetensors.torch
+    base = ["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--checkpoint_every", "1"]
+    train_image.main([*base, "--iterations", "1"])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the weights")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_image.main([*base, "--iterations", "2", "--resume", "auto"])
+    assert not (tmp_path / "checkpoint-000002").exists()  # only a temporary folder was left behind
+    assert train_image.find_checkpoint(train_image.parse_args([*base, "--resume", "auto"])) == tmp_path / "checkpoint-000001"
+    monkeypatch.undo()
+    train_image.main([*base, "--iterations", "2", "--resume", "auto"])
+    assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").is_file()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+def test_unreadable_prompt_file_is_refused(tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not utf-8 \xff")
+    with pytest.raises(SystemExit, match="UTF-8"):
+        train_image.read_prompts(bad)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(SystemExit, match="no prompt"):
+        train_image.read_prompts(tmp_path / "empty.txt")

@@ -40,6 +40,7 @@ PIPELINES = {"flux": FluxPipeline, "sd": StableDiffusionPipeline, "hunyuan": Hun
 
 FLUX_TEXT_LEN = 512  # T5 tokens, FluxPipeline's default max_sequence_length (the official preprocessing uses it too)
 HUNYUAN_TEXT_LEN = 256  # Llama tokens after the prompt template, HunyuanVideoPipeline's default
+TINY_TEXT_LEN = 64  # the tiny presets' character-level tokenizers: a prompt fits, no 512 tokens of padding
 SKYREELS_EMBEDDED_GUIDANCE = 1.0  # official SkyReels GRPO feeds guidance=1000 (= 1.0 * 1000) next to its CFG
 
 
@@ -112,7 +113,7 @@ def _tiny_t5(hidden=32):
     """T5 Unigram tokenizer over single characters and a 2-layer T5EncoderModel."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=FLUX_TEXT_LEN)
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TINY_TEXT_LEN)
     config = T5Config(vocab_size=len(pieces), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
                       num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0)
     return tokenizer, T5EncoderModel(config)
@@ -222,8 +223,14 @@ def _hunyuan_template(tokenizer):
 
 def _hunyuan_text(pipe, prompts, device):
     embeds, pooled, mask = pipe.encode_prompt(prompts, prompt_template=_hunyuan_template(pipe.tokenizer),
-                                              device=device, max_sequence_length=HUNYUAN_TEXT_LEN)
+                                              device=device, max_sequence_length=_text_len(pipe, HUNYUAN_TEXT_LEN))
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+
+
+def _text_len(pipe, default):
+    """Text tokens for the transformer: the pipeline default, or fewer where the tokenizer says so (tiny presets)."""
+    tokenizer = pipe.tokenizer_2 if isinstance(pipe, FluxPipeline) else pipe.tokenizer
+    return min(default, tokenizer.model_max_length)
 
 
 @torch.no_grad()
@@ -232,7 +239,8 @@ def encode_prompts(pipe, prompts, device):
     encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys."""
     family, prompts = _family(pipe), list(prompts)
     if family == "flux":
-        embeds, pooled, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=FLUX_TEXT_LEN)
+        embeds, pooled, _ = pipe.encode_prompt(prompts, device=device,
+                                               max_sequence_length=_text_len(pipe, FLUX_TEXT_LEN))
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # [B, 512, 4096], [B, 768]; txt_ids = 0
     elif family == "sd":  # uncond = "" for every prompt, exactly as StableDiffusionPipeline does for CFG
         embeds, neg = pipe.encode_prompt(prompts, device, 1, True)
@@ -386,7 +394,7 @@ _DEFAULTS = {
 # Tiny presets: the same sampler settings, small sizes, and enough samples per update (one update per
 # iteration) for a CPU demo to learn visibly in a few minutes.
 _TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_per_rank=4, lr=3e-3, iterations=40,
-                      grad_accum=32, micro_batch=64, reward="brightness")
+                      grad_accum=32, micro_batch=32, reward="brightness")
 
 
 def model_defaults(model):

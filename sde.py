@@ -52,6 +52,17 @@ def _check_shapes(model_output: torch.Tensor, latents: torch.Tensor, prev_sample
         raise ValueError(f"prev_sample must have the shape of latents {tuple(latents.shape)}, got {tuple(prev_sample.shape)}")
 
 
+def _randn(shape, generator, device) -> torch.Tensor:
+    """Standard normal float32 noise. `generator` may be a list of generators, each drawing an equal
+    slice of the batch: one noise stream per prompt group, however the groups are batched."""
+    if isinstance(generator, (list, tuple)):
+        if shape[0] % len(generator):
+            raise ValueError(f"a batch of {shape[0]} cannot be split between {len(generator)} generators")
+        part = (shape[0] // len(generator), *shape[1:])
+        return torch.cat([torch.randn(part, generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def _gaussian_step(mean, std, prev_sample, generator):
     """Sample x_{t-1} ~ N(mean, std^2) unless given, and its log-density averaged over non-batch dims.
 
@@ -60,7 +71,7 @@ def _gaussian_step(mean, std, prev_sample, generator):
     step is deterministic, has no density, and log_prob is returned as 0.
     """
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        noise = _randn(mean.shape, generator, mean.device)
         prev_sample = mean + std * noise
     x = prev_sample.detach().float()
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
@@ -90,7 +101,7 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
       sigma, sigma_next: floats or [B] tensors (one noise level per sample), sigma > sigma_next >= 0.
       eta: noise scale >= 0.
       prev_sample: the x_{t-1} whose log-prob to compute (training); sampled when None (rollout).
-      generator: torch.Generator for the sampled noise.
+      generator: torch.Generator for the sampled noise, or a list splitting the batch into equal parts.
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
@@ -156,7 +167,7 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
         step i goes from schedule[i] to schedule[i + 1].
       eta: SDE noise scale.
       kind: "flow" or "ddim".
-      generator: torch.Generator for the per-step noise.
+      generator: torch.Generator for the per-step noise, or a list (one per equal slice of the batch).
     Returns:
       latents   [B, T + 1, ...]  x_T, ..., x_0 (latents[:, i] is the input of step i)
       log_probs [B, T]           log-prob of each transition
@@ -182,8 +193,9 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
 
 def group_noise(num_groups: int, group_size: int, shape, generator=None, same_noise=True) -> torch.Tensor:
     """Initial noise [num_groups * group_size, *shape]; with same_noise the G samples of a group
-    share one draw, so their reward differences come from the SDE alone (DanceGRPO Sec. 3.3)."""
+    share one draw, so their reward differences come from the SDE alone (DanceGRPO Sec. 3.3).
+    `generator` may be a list with one generator per group."""
     if same_noise:
-        noise = torch.randn(num_groups, 1, *shape, generator=generator)
+        noise = _randn((num_groups, 1, *shape), generator, "cpu")
         return noise.expand(num_groups, group_size, *shape).reshape(num_groups * group_size, *shape).clone()
-    return torch.randn(num_groups * group_size, *shape, generator=generator)
+    return _randn((num_groups * group_size, *shape), generator, "cpu")

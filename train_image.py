@@ -243,21 +243,18 @@ def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, ext
 
 
 def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, args, iteration, extra=None):
-    """Roll out each prompt group as one batch of G samples (DanceGRPO Alg. 1, line 4).
+    """Roll out all prompt groups of a rank as one batch (DanceGRPO Alg. 1, line 4).
 
     cond / extra: batch-first dicts for all N = len(groups) * G samples, groups consecutive.
     Group g draws its shared initial noise from seeded(seed, iteration, g) and its SDE noise from
-    seeded(seed, iteration, g, 1). Returns latents [N, T+1, ...], log_probs [N, T], final [N, ...].
+    seeded(seed, iteration, g, 1), so the samples do not depend on how groups are spread over
+    ranks. Returns latents [N, T+1, ...], log_probs [N, T], final [N, ...].
     """
-    G, device = args.group_size, next(iter(cond.values())).device
-    outs = []
-    for i, g in enumerate(groups):
-        part = slice(i * G, (i + 1) * G)
-        noise = sde.group_noise(1, G, noise_shape, seeded(args.seed, iteration, g), args.same_noise).to(device)
-        outs.append(sample(pipe, {k: v[part] for k, v in cond.items()}, noise, schedule, model_t, kind, args.eta, args,
-                           seeded(args.seed, iteration, g, 1, device=device),
-                           {k: v[part] for k, v in extra.items()} if extra else None))
-    return tuple(torch.cat(t) for t in zip(*outs))
+    device = next(iter(cond.values())).device
+    noise = sde.group_noise(len(groups), args.group_size, noise_shape,
+                            [seeded(args.seed, iteration, g) for g in groups], args.same_noise).to(device)
+    step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
+    return sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, step_noise, extra)
 
 
 def timesteps_for(groups, args, iteration) -> torch.Tensor:

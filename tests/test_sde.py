@@ -231,3 +231,15 @@ def test_group_noise_is_shared_within_groups_only():
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_list_of_generators_gives_each_slice_its_own_stream():
+    x, v = torch.zeros(4, 3, 5), torch.zeros(4, 3, 5)
+    together, _, _, _ = sde.flow_sde_step(v, x, 0.8, 0.6, 0.3, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    for part, s in ((slice(0, 2), 1), (slice(2, 4), 2)):
+        alone, _, _, _ = sde.flow_sde_step(v[part], x[part], 0.8, 0.6, 0.3, generator=torch.Generator().manual_seed(s))
+        assert torch.equal(together[part], alone)
+    noise = sde.group_noise(2, 3, (5,), generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    torch.testing.assert_close(noise[3:], sde.group_noise(1, 3, (5,), generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="cannot be split"):
+        sde.flow_sde_step(v[:3], x[:3], 0.8, 0.6, 0.3, generator=[torch.Generator(), torch.Generator()])

@@ -1,6 +1,6 @@
 """bench.py: one GRPO iteration in two loop structures, on the same work, side by side (issue 7).
 
-  (a) project   train_image.rollout_groups: one batched SDE rollout per prompt group of G samples;
+  (a) project   train_image.rollout_groups: one batched SDE rollout of all prompt groups (G samples each);
                 models.decode and the reward on the whole batch, in memory; grpo advantages and timesteps;
                 train_image.accumulate_gradients: micro-batches of --micro_batch (sample, timestep) pairs.
   (b) official  the loop structure of DanceGRPO's fastvideo/train_grpo_flux.py: each sample rolled out alone
@@ -126,7 +126,7 @@ def project_reward(pipe, scorers, specs, final, prompts, groups, args):
     """Decode the whole batch and score it in memory (train_image.main, sections 3-4)."""
     with torch.no_grad(), autocast(final.device):
         images = models.decode(pipe, final, args.height, args.width)  # [N, 3, H, W]
-        scores = torch.stack([s(images, prompts).float() for s in scorers])  # [K, N]
+        scores = train_image.score(scorers, images, prompts)  # [K, N]
     return advantages_and_steps(scores, specs, groups, args)
 
 

@@ -377,19 +377,21 @@ def decode(pipe, latents, height, width):
 
 # Read off the official DanceGRPO scripts (see the README's table). grad_accum: samples per optimizer step on
 # each rank; micro_batch: (sample, timestep) pairs per forward/backward (the official code uses 1); keep:
-# best-of-N survivors per group.
+# best-of-N survivors per group; size_multiple: VAE downsampling x patch size; ema_decay 0 = no EMA.
 _DEFAULTS = {
-    "flux": dict(size_multiple=16, num_steps=16, shift=3.0, eta=0.3, guidance_scale=3.5, height=720, width=720, group_size=12,
-                 timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=4, micro_batch=4, reward="hps"),
-    "sd14": dict(size_multiple=8, num_steps=50, shift=None, eta=1.0, guidance_scale=5.0, height=512, width=512, group_size=16,
-                 timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=8, micro_batch=8, reward="hps"),
+    "flux": dict(num_steps=16, shift=3.0, eta=0.3, guidance_scale=3.5, height=720, width=720, size_multiple=16,
+                 group_size=12, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=4, micro_batch=4,
+                 ema_decay=0.0, reward="hps"),
+    "sd14": dict(num_steps=50, shift=None, eta=1.0, guidance_scale=5.0, height=512, width=512, size_multiple=8,
+                 group_size=16, timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=8, micro_batch=8,
+                 ema_decay=0.0, reward="hps"),
     # official HunyuanVideo GRPO feeds guidance=6018.0 to the transformer (= 6.018 x 1000)
-    "hunyuan": dict(size_multiple=16, num_steps=16, shift=5.0, eta=0.25, guidance_scale=6.018, height=480, width=480, num_frames=53,
-                    group_size=24, keep=8, timestep_fraction=0.6, lr=1e-5, iterations=202, grad_accum=4,
-                    micro_batch=1, reward="videoalign_vq"),
-    "skyreels": dict(size_multiple=16, num_steps=16, shift=7.0, eta=0.3, guidance_scale=5.0, height=400, width=640, num_frames=53,
-                     group_size=8, keep=None, timestep_fraction=0.6, lr=1e-5, iterations=121, grad_accum=8,
-                     micro_batch=1, reward="videoalign_mq"),
+    "hunyuan": dict(num_steps=16, shift=5.0, eta=0.25, guidance_scale=6.018, height=480, width=480, num_frames=53,
+                    size_multiple=16, group_size=24, keep=8, timestep_fraction=0.6, lr=1e-5, iterations=202,
+                    grad_accum=4, micro_batch=1, ema_decay=0.999, reward="videoalign_vq"),
+    "skyreels": dict(num_steps=16, shift=7.0, eta=0.3, guidance_scale=5.0, height=400, width=640, num_frames=53,
+                     size_multiple=16, group_size=8, keep=None, timestep_fraction=0.6, lr=1e-5, iterations=121,
+                     grad_accum=8, micro_batch=1, ema_decay=0.0, reward="videoalign_mq"),
 }
 # Tiny presets: the same sampler settings, small sizes, and enough samples per update (one update per
 # iteration) for a CPU demo to learn visibly in a few minutes.
@@ -402,8 +404,10 @@ def model_defaults(model):
     family = FAMILY[model]
     real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels"}[family]
     d = dict(_DEFAULTS[real], prompts_per_rank=1)
-    if model in TINY:  # size_multiple: VAE downsampling x patch size (x 2 for SD's tiny UNet)
-        d.update(_TINY_DEFAULTS, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8}[family])
+    if model in TINY:  # tiny VAEs downsample 2x (FLUX) or 4x; SD's tiny UNet halves once more
+        d.update(_TINY_DEFAULTS, ema_decay=0.0, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8}[family])
         if family in ("hunyuan", "skyreels"):
             d.update(num_frames=9, keep=4 if family == "hunyuan" else None)
+        if family == "skyreels":  # CFG 5 magnifies a weight change in the guided velocity: 3e-3 overshoots
+            d.update(lr=5e-4)
     return d

@@ -65,6 +65,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
     p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
                    help="samples of one group share their initial noise")
+    p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tune, else LoRA rank (peft)")
     p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +114,8 @@ def check_args(args) -> str | None:
     m = args.size_multiple
     if args.height % m or args.width % m:
         return f"--resolution/--height/--width must be multiples of {m} for {args.model}, got {args.height}x{args.width}"
+    if not 0 <= args.ema_decay < 1:
+        return f"--ema_decay must be in [0, 1), got {args.ema_decay}"
     if args.clip_range <= 0 or args.adv_clip <= 0 or args.lr <= 0:
         return "--clip_range, --adv_clip and --lr must be > 0"
     if args.prompts and not Path(args.prompts).is_file():
@@ -172,8 +175,10 @@ def prepare_policy(pipe, args, device):
     net.requires_grad_(args.lora_rank == 0)
     if args.lora_rank:  # adapters on the attention projections, trained in fp32
         from peft import LoraConfig
-        net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.random.fork_rng(devices=[]):  # the same adapters on every rank and every run
+            torch.manual_seed(args.seed)
+            net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         for p in net.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -314,13 +319,14 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
     return total_loss, torch.cat(ratios)
 
 
-def policy_update(pipe, net, params, optimizer, batch, args, device):
+def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
 
     batch: latents [N, T+1, ...], log_probs [N, T], advantages [N], steps [N, k] (selected),
     cond (batch-first dict), schedule, model_t, kind, extra. One optimizer step per
     `grad_accum` samples (as the official code), over all their k selected timesteps.
-    A step whose gradient is not finite is skipped. Returns a dict of statistics.
+    A step whose gradient is not finite is skipped. `ema`, a list of tensors like `params`, is
+    moved toward the new weights after each step. Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
     stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
@@ -338,6 +344,8 @@ def policy_update(pipe, net, params, optimizer, batch, args, device):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if torch.isfinite(grad_norm):
             optimizer.step()
+            if ema is not None:  # Polyak average: ema <- decay * ema + (1 - decay) * weights
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
         else:  # a non-finite loss or gradient: skip this update, keep the weights finite
             stats["skipped_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
@@ -380,35 +388,55 @@ def save_reward_curve(path, metrics: list[dict]):
     img.save(path)
 
 
-def save_checkpoint(pipe, net, optimizer, args, iteration, rank):
+def write_network(pipe, net, state, folder, args, suffix=""):
+    """Full weights `state` of the trained network as diffusers loads them: `transformer<suffix>/`
+    (or `unet<suffix>/`) with its config, or `pytorch_lora_weights<suffix>.safetensors` for LoRA."""
+    subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+    if args.lora_rank:
+        layers = {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
+        metadata = net.peft_config["default"].to_dict()  # rank and alpha, so load_lora_weights scales right
+        type(pipe).save_lora_weights(folder, weight_name=f"pytorch_lora_weights{suffix}.safetensors",
+                                     **{f"{subfolder}_lora_layers": layers, f"{subfolder}_lora_adapter_metadata": metadata})
+    else:
+        from safetensors.torch import save_file
+        (folder / (subfolder + suffix)).mkdir(exist_ok=True)
+        models.trained_module(pipe).save_config(folder / (subfolder + suffix))
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
+
+
+def read_network(folder, args, suffix="") -> dict:
+    """What write_network wrote, as a state dict with the network's own parameter names."""
+    from safetensors.torch import load_file
+    if args.lora_rank:
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+        return state["lora" + suffix]
+    subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+    return load_file(folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
+
+
+def save_checkpoint(pipe, net, optimizer, args, iteration, rank, ema=None):
     """checkpoint-<iteration>/: the network as a diffusers folder (or LoRA weights loadable with
-    load_lora_weights) and trainer_state.pt. Written to a temporary folder, then renamed, so a
-    crash mid-save leaves the previous checkpoint whole. All ranks must call (FSDP gathers)."""
+    load_lora_weights), its EMA beside it (`transformer_ema/`), and trainer_state.pt. Written to a
+    temporary folder, then renamed, so a crash mid-save leaves the previous checkpoint whole.
+    All ranks must call (FSDP gathers the shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(net, options=opts)
     optim_state = get_optimizer_state_dict(net, optimizer, options=opts)
+    if ema is not None:  # full EMA tensors under the trained parameters' names
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        ema_state = {n: (e.full_tensor() if hasattr(e, "full_tensor") else e).cpu() for n, e in zip(names, ema)}
     if rank == 0:
-        from safetensors.torch import save_file
         final = args.output_dir / f"checkpoint-{iteration:06d}"
         tmp = args.output_dir / f".tmp-checkpoint-{iteration:06d}"
         tmp.mkdir(parents=True, exist_ok=True)
-        subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
-        if args.lora_rank:
-            lora = {k: v for k, v in model_state.items() if "lora_" in k}
-            layers = {k.replace(".default", ""): v for k, v in lora.items()}
-            metadata = net.peft_config["default"].to_dict()  # rank and alpha, so load_lora_weights scales right
-            type(pipe).save_lora_weights(tmp, **{f"{subfolder}_lora_layers": layers,
-                                                 f"{subfolder}_lora_adapter_metadata": metadata})
-            trained = lora
-        else:
-            (tmp / subfolder).mkdir(exist_ok=True)
-            net_config = models.trained_module(pipe)
-            net_config.save_config(tmp / subfolder)
-            save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / subfolder / "diffusion_pytorch_model.safetensors")
-            trained = None
-        torch.save({"iteration": iteration, "optimizer": optim_state, "lora": trained, "model": args.model,
-                    "lora_rank": args.lora_rank}, tmp / "trainer_state.pt")
+        write_network(pipe, net, model_state, tmp, args)
+        if ema is not None:
+            write_network(pipe, net, {**model_state, **ema_state}, tmp, args, suffix="_ema")
+        lora = {k: v for k, v in model_state.items() if "lora_" in k} if args.lora_rank else None
+        lora_ema = ema_state if args.lora_rank and ema is not None else None
+        torch.save({"iteration": iteration, "optimizer": optim_state, "lora": lora, "lora_ema": lora_ema,
+                    "model": args.model, "lora_rank": args.lora_rank}, tmp / "trainer_state.pt")
         if final.exists():
             import shutil
             shutil.rmtree(final)
@@ -429,21 +457,18 @@ def find_checkpoint(args) -> Path | None:
     return path
 
 
-def load_checkpoint(path, pipe, net, optimizer, args) -> int:
-    """Restore weights and optimizer; returns the iteration to start from."""
-    from safetensors.torch import load_file
+def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
+    """Restore weights, optimizer and EMA (in place); returns the iteration to start from."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     if state["model"] != args.model or state["lora_rank"] != args.lora_rank:
         raise SystemExit(f"error: --resume {path} holds a {state['model']} checkpoint with lora_rank {state['lora_rank']}, "
                          f"not {args.model} with lora_rank {args.lora_rank}")
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    if state["lora"] is not None:
-        weights = state["lora"]
-    else:
-        subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
-        weights = load_file(path / subfolder / "diffusion_pytorch_model.safetensors")
-    set_model_state_dict(net, weights, options=opts)
+    if ema is not None:  # load the EMA weights into the network to shard them like the parameters, copy them out
+        set_model_state_dict(net, read_network(path, args, suffix="_ema"), options=opts)
+        torch._foreach_copy_(ema, [p.detach() for p in net.parameters() if p.requires_grad])
+    set_model_state_dict(net, read_network(path, args), options=opts)
     set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     return state["iteration"]
 
@@ -490,9 +515,10 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     net, params, optimizer = prepare_policy(pipe, args, device)
+    ema = [p.detach().clone() for p in params] if args.ema_decay else None
     schedule, model_t, kind = schedule_for(pipe, args)
     checkpoint = find_checkpoint(args)
-    start = load_checkpoint(checkpoint, pipe, net, optimizer, args) if checkpoint else 0
+    start = load_checkpoint(checkpoint, pipe, net, optimizer, args, ema) if checkpoint else 0
     history = load_history(args, start) if rank == 0 else []
     fixed = dict(prompts=prompts[:4], noise=models.initial_noise(pipe, 4, args.height, args.width, None, seeded(args.seed, 999)))
     if rank == 0:
@@ -523,7 +549,7 @@ def main(argv=None):
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
                      schedule=schedule, model_t=model_t, kind=kind, extra=None)
         if all_ranks(bool(torch.isfinite(advantages).all()), device):
-            stats = policy_update(pipe, net, params, optimizer, batch, args, device)
+            stats = policy_update(pipe, net, params, optimizer, batch, args, device, ema)
         else:  # a reward gave NaN/Inf on some rank: no update from this rollout
             stats = dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
@@ -542,7 +568,7 @@ def main(argv=None):
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
-            save_checkpoint(pipe, net, optimizer, args, iteration + 1, rank)
+            save_checkpoint(pipe, net, optimizer, args, iteration + 1, rank, ema)
     return pipe, net
 
 

@@ -206,3 +206,26 @@ def test_unreadable_prompt_file_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(SystemExit, match="no prompt"):
         train_image.read_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]])
+def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
+    base = ["--model", "tiny-flux", *FAST, "--ema_decay", "0.5", "--checkpoint_every", "1", *lora]
+    pipe, net = train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "straight")])
+    train_image.main([*base, "--iterations", "2", "--output_dir", str(tmp_path / "resumed")])
+    train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "resumed"), "--resume", "auto"])
+    args = train_image.parse_args([*base, "--output_dir", str(tmp_path)])
+    ckpt = [tmp_path / run / "checkpoint-000003" for run in ("straight", "resumed")]
+    ema_a, ema_b = (train_image.read_network(c, args, suffix="_ema") for c in ckpt)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # EMA with decay 0.5 over 3 steps from w0: 0.125 w0 + 0.125 w1 + 0.25 w2 + 0.5 w3, between old and new weights
+    w0 = models.trained_module(models.load_pipeline("tiny-flux")).state_dict()
+    w1, w3 = (train_image.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args) for i in (1, 3))
+    moved = [k for k in w3 if not torch.equal(w3[k], w1[k])]
+    assert moved and all(not torch.equal(ema_a[k], w3[k]) for k in moved)
+    if lora:
+        fresh = models.load_pipeline("tiny-flux")
+        fresh.load_lora_weights(ckpt[0], weight_name="pytorch_lora_weights_ema.safetensors")
+    else:
+        ema_net = models.FluxTransformer2DModel.from_pretrained(ckpt[0] / "transformer_ema")
+        assert all(torch.equal(ema_net.state_dict()[k], ema_a[k]) for k in ema_a)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import models
 import train_image
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "2", "--group_size", "2", "--prompts_per_rank", "2", "--num_steps", "4"]
@@ -79,7 +80,7 @@ def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
     args = ["--model", "tiny-flux", "--iterations", "1", "--group_size", "2", "--num_steps", "4"]
     train_image.main([*args, "--prompts_per_rank", "2", "--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "train_image.py"), *args, "--prompts_per_rank", "1", "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,6 +17,7 @@ import grpo
 import models
 import train_image
 import train_video
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--reward", "brightness", "--iterations", "2", "--group_size", "4", "--prompts_per_rank", "1", "--num_steps", "4"]
@@ -119,7 +120,7 @@ def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
             "--num_steps", "4"]
     train_video.main([*args, "--prompts_per_rank", "2", "--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "train_video.py"), *args, "--prompts_per_rank", "1", "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

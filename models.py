@@ -385,10 +385,11 @@ _DEFAULTS = {
     "sd14": dict(num_steps=50, shift=None, eta=1.0, guidance_scale=5.0, height=512, width=512, size_multiple=8,
                  group_size=16, timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=8, micro_batch=8,
                  ema_decay=0.0, reward="hps"),
-    # official HunyuanVideo GRPO feeds guidance=6018.0 to the transformer (= 6.018 x 1000)
+    # official HunyuanVideo GRPO feeds guidance=6018.0 to the transformer (= 6.018 x 1000); it parses
+    # --ema_decay 0.999 but never applies it, so EMA is off here too (--ema_decay 0.999 turns it on)
     "hunyuan": dict(num_steps=16, shift=5.0, eta=0.25, guidance_scale=6.018, height=480, width=480, num_frames=53,
                     size_multiple=16, group_size=24, keep=8, timestep_fraction=0.6, lr=1e-5, iterations=202,
-                    grad_accum=4, micro_batch=1, ema_decay=0.999, reward="videoalign_vq"),
+                    grad_accum=4, micro_batch=1, rollout_batch=8, ema_decay=0.0, reward="videoalign_vq"),
     "skyreels": dict(num_steps=16, shift=7.0, eta=0.3, guidance_scale=5.0, height=400, width=640, num_frames=53,
                      size_multiple=16, group_size=8, keep=None, timestep_fraction=0.6, lr=1e-5, iterations=121,
                      grad_accum=8, micro_batch=1, ema_decay=0.0, reward="videoalign_mq"),

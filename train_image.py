@@ -62,6 +62,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--grad_accum", type=int, help="samples per optimizer step on each rank (official: 4 FLUX, 8 SD)")
     p.add_argument("--micro_batch", type=int, help="(sample, timestep) pairs per forward/backward")
+    p.add_argument("--rollout_batch", type=int, help="samples per network call in the rollout (default: all)")
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
     p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
                    help="samples of one group share their initial noise")
@@ -237,13 +238,18 @@ def schedule_for(pipe, args):
 
 @torch.no_grad()
 def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, extra=None):
-    """Roll out a batch with the SDE: latents [B, T+1, ...], log_probs [B, T], final [B, ...]."""
-    device = noise.device
+    """Roll out a batch with the SDE: latents [B, T+1, ...], log_probs [B, T], final [B, ...].
+    The network sees `rollout_batch` samples a call (all when None): less memory, the same samples."""
+    device, chunk = noise.device, args.rollout_batch or len(noise)
 
     def denoise(x, i):
-        with autocast(device):
-            t = model_t[i].to(device).expand(x.shape[0])
-            return models.predict(pipe, x, t, cond, args.guidance_scale, args.height, args.width, extra)
+        t, outs = model_t[i].to(device).expand(x.shape[0]), []
+        for part in (slice(s, s + chunk) for s in range(0, len(x), chunk)):
+            with autocast(device):
+                outs.append(models.predict(pipe, x[part], t[part], {k: v[part] for k, v in cond.items()},
+                                           args.guidance_scale, args.height, args.width,
+                                           {k: v[part] for k, v in extra.items()} if extra else None))
+        return torch.cat(outs)
     return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
 
 
@@ -281,6 +287,17 @@ def score(scorers, x, prompts) -> torch.Tensor:
             tqdm.write(f"warning: {e}; this update is skipped")
             rows.append(torch.full((x.shape[0],), float("nan"), device=x.device))
     return torch.stack(rows)
+
+
+def decode_and_score(pipe, final, prompts, scorers, args) -> torch.Tensor:
+    """Decode the final latents to images or videos in [0, 1] and score them in memory,
+    `micro_batch` samples at a time. Returns [K, N]."""
+    scores = []
+    with torch.no_grad(), autocast(final.device):
+        for i in range(0, len(final), args.micro_batch):
+            x = models.decode(pipe, final[i:i + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
+            scores.append(score(scorers, x, prompts[i:i + args.micro_batch]))
+    return torch.cat(scores, dim=1)
 
 
 def all_ranks(flag: bool, device) -> bool:
@@ -352,6 +369,14 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
         stats["grad_norm"] += grad_norm.item() / num_updates
     net.eval()
     return stats
+
+
+def update_or_skip(pipe, net, params, optimizer, batch, args, device, ema=None) -> dict:
+    """policy_update, unless some rank's advantages are not finite (a reward gave NaN/Inf):
+    then no rank updates (they must agree, FSDP's collectives run in lockstep)."""
+    if all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
+        return policy_update(pipe, net, params, optimizer, batch, args, device, ema)
+    return dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
 
 
 # ----------------------------------------------------------------------------- 6. log and save
@@ -473,6 +498,23 @@ def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
     return state["iteration"]
 
 
+def metrics_row(iteration, scores, specs, stats, t0, world, **extra) -> dict:
+    """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), the
+    update's statistics, throughput."""
+    all_scores = gather(scores.T.contiguous()).T  # [K, N * world]
+    total = sum(s.weight * r for s, r in zip(specs, all_scores))
+    seconds = time.time() - t0
+    return dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
+                **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats, **extra,
+                samples_per_s=all_scores.shape[1] / seconds, time_s=seconds, world_size=world)
+
+
+def stop_if_stuck(skipped_in_a_row, args):
+    if skipped_in_a_row >= args.max_skipped:
+        raise SystemExit(f"error: {skipped_in_a_row} iterations in a row skipped their update for non-finite "
+                         f"rewards or gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
+
+
 def log_iteration(args, metrics_row, history, rank):
     """metrics.jsonl gets every number; the terminal one line."""
     if rank != 0:
@@ -537,9 +579,7 @@ def main(argv=None):
                                                    kind, args, iteration)
 
         # 3. reward: decode and score in memory
-        with torch.no_grad(), autocast(device):
-            images = models.decode(pipe, final, args.height, args.width)  # [N, 3, H, W] in [0, 1]
-            scores = score(scorers, images, batch_prompts)  # [K, N]
+        scores = decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
         # 4. advantages per group and per reward, summed with weights; timesteps per sample
         advantages = grpo.multi_reward_advantages(scores, [s.weight for s in specs], args.group_size, args.adv_clip)
@@ -548,23 +588,12 @@ def main(argv=None):
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
                      schedule=schedule, model_t=model_t, kind=kind, extra=None)
-        if all_ranks(bool(torch.isfinite(advantages).all()), device):
-            stats = policy_update(pipe, net, params, optimizer, batch, args, device, ema)
-        else:  # a reward gave NaN/Inf on some rank: no update from this rollout
-            stats = dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
+        stats = update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        all_scores = gather(scores.to(device))  # [K, N * world] via cat on dim 0 -> [world*K, N]
-        all_scores = all_scores.view(world, len(specs), -1).permute(1, 0, 2).flatten(1)  # [K, N * world]
-        total = sum(s.weight * r for s, r in zip(specs, all_scores))
-        row = dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
-                   **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats,
-                   samples_per_s=len(batch_prompts) * world / (time.time() - t0), time_s=time.time() - t0, world_size=world)
-        log_iteration(args, row, history, rank)
-        if skipped_in_a_row >= args.max_skipped:
-            raise SystemExit(f"error: {skipped_in_a_row} iterations in a row skipped their update for non-finite "
-                             f"rewards or gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
+        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, world), history, rank)
+        stop_if_stuck(skipped_in_a_row, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:

@@ -125,7 +125,7 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     net, params, optimizer = ti.prepare_policy(pipe, args, device)
-    ema = [p.detach().clone() for p in params] if args.ema_decay else None  # HunyuanVideo: 0.999
+    ema = [p.detach().clone() for p in params] if args.ema_decay else None  # --ema_decay (0 = off)
     if device.type == "cuda":
         pipe.vae.enable_tiling()  # decode 53 frames at 480p in tiles
     schedule, model_t, kind = ti.schedule_for(pipe, args)  # flow sigmas with the model's shift
@@ -157,13 +157,8 @@ def main(argv=None):
         latents, log_probs, final = ti.rollout_groups(pipe, cond, groups, fixed["noise"].shape[1:], schedule, model_t,
                                                       kind, args, iteration, extra)  # [N, T+1, C, f, h, w], [N, T]
 
-        # 3. reward: decode and score in memory, micro_batch videos at a time
-        scores = []
-        with torch.no_grad(), ti.autocast(device):
-            for i in range(0, len(final), args.micro_batch):
-                videos = models.decode(pipe, final[i:i + args.micro_batch], H, W)  # [m, F, 3, H, W] in [0, 1]
-                scores.append(ti.score(scorers, videos, batch_prompts[i:i + args.micro_batch]))
-        scores = torch.cat(scores, dim=1)  # [K, N]
+        # 3. reward: decode and score in memory, micro_batch videos [m, F, 3, H, W] at a time
+        scores = ti.decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
         # 4. advantages over all G samples of a group (per reward, weighted sum), then best-of-N: the keep/2 highest
         # and keep/2 lowest advantages of each group are trained, with the advantages of the full group (as the
@@ -178,23 +173,14 @@ def main(argv=None):
         batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[kept], steps=steps,
                      cond={k: v[kept] for k, v in cond.items()}, schedule=schedule, model_t=model_t, kind=kind,
                      extra={k: v[kept] for k, v in extra.items()} if extra else None)
-        if ti.all_ranks(bool(torch.isfinite(advantages).all()), device):
-            stats = ti.policy_update(pipe, net, params, optimizer, batch, args, device, ema)
-        else:  # a reward gave NaN/Inf on some rank: no update from this rollout
-            stats = dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
+        stats = ti.update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped = skipped + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        all_scores = ti.gather(scores.T.to(device)).T  # [K, N * world]
-        total = sum(s.weight * r for s, r in zip(specs, all_scores))
-        row = dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
-                   **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats,
-                   sampled_samples=len(final) * world, trained_samples=len(kept) * world,
-                   samples_per_s=len(final) * world / (time.time() - t0), time_s=time.time() - t0, world_size=world)
+        row = ti.metrics_row(iteration, scores, specs, stats, t0, world,
+                             sampled_samples=len(final) * world, trained_samples=len(kept) * world)
         ti.log_iteration(args, row, history, rank)
-        if skipped >= args.max_skipped:
-            raise SystemExit(f"error: {skipped} iterations in a row skipped their update for non-finite rewards or "
-                             f"gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
+        ti.stop_if_stuck(skipped, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:

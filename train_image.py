@@ -390,26 +390,33 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def to_pil(images: torch.Tensor):
-    """[B, 3, H, W] in [0, 1] -> list of PIL images."""
+def to_pil(images: torch.Tensor, min_size=128):
+    """[B, 3, H, W] in [0, 1] -> list of PIL images, tiny ones enlarged (nearest) to be seen."""
     from diffusers.image_processor import VaeImageProcessor
-    return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.float().cpu()))
+    pil = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.float().cpu()))
+    scale = max(1, -(-min_size // min(images.shape[-2:])))
+    return [im.resize((im.width * scale, im.height * scale), 0) for im in pil] if scale > 1 else pil
 
 
 def save_reward_curve(path, metrics: list[dict]):
-    """A plain line plot of reward_mean per iteration (PIL only, no matplotlib)."""
+    """reward_mean against iteration as a PNG (PIL only, no matplotlib); skipped NaN rows are left out."""
     from PIL import Image, ImageDraw
-    ys = [m["reward_mean"] for m in metrics]
-    w, h, pad = 640, 360, 40
+    points = [(m["iteration"], m["reward_mean"]) for m in metrics if math.isfinite(m["reward_mean"])]
+    if not points:
+        return
+    w, h, pad = 640, 360, 50
+    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+    x1, y1 = max(x1, x0 + 1), y1 if y1 > y0 else y0 + 1e-6
+    xy = [(pad + (w - 2 * pad) * (x - x0) / (x1 - x0), h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)) for x, y in points]
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    lo, hi = min(ys), max(ys)
-    hi = hi if hi > lo else lo + 1e-6
-    pts = [(pad + (w - 2 * pad) * i / max(1, len(ys) - 1), h - pad - (h - 2 * pad) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
     d.rectangle([pad, pad, w - pad, h - pad], outline="gray")
-    if len(pts) > 1:
-        d.line(pts, fill="blue", width=2)
-    d.text((pad, 10), f"reward_mean   min {lo:.4g}   max {hi:.4g}   iterations {len(ys)}", fill="black")
+    d.line(xy if len(xy) > 1 else xy * 2, fill="blue", width=2)
+    d.text((pad, 15), "reward_mean per iteration", fill="black")
+    d.text((4, pad - 6), f"{y1:.4g}", fill="black")
+    d.text((4, h - pad - 6), f"{y0:.4g}", fill="black")
+    d.text((pad, h - pad + 8), str(x0), fill="black")
+    d.text((w - pad - 20, h - pad + 8), str(x1), fill="black")
     img.save(path)
 
 

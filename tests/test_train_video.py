@@ -47,8 +47,8 @@ def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
     assert sorted(p.name for p in samples.iterdir()) == [f"iter_00000{i}{end}" for i in (1, 2)  # 2 videos per save
                                                          for end in (".png", "_0.gif", "_1.gif")]
     gif = Image.open(samples / "iter_000002_0.gif")
-    assert gif.n_frames == 9 and gif.size == (32, 32)  # the tiny presets: 9 frames of 32 x 32
-    assert Image.open(samples / "iter_000002.png").size == (8 * 32, 2 * 32)  # 8 frames per row, one row per video
+    assert gif.n_frames == 9 and gif.size == (128, 128)  # the tiny presets: 9 frames of 32 x 32, shown 4x
+    assert Image.open(samples / "iter_000002.png").size == (8 * 128, 2 * 128)  # 8 frames a row, one row a video
     ckpt = tmp_path / "checkpoint-000002"
     assert (ckpt / "trainer_state.pt").is_file()
     saved = weights(ckpt)

@@ -109,9 +109,15 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
-    for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "height", "width", "max_skipped"):
-        if getattr(args, name) < 1:
+    for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "rollout_batch", "height", "width",
+                 "max_skipped", "checkpoint_every", "sample_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
+    for name in ("lora_rank", "weight_decay", "guidance_scale"):
+        if getattr(args, name) < 0:
+            return f"--{name} must be >= 0, got {getattr(args, name)}"
+    if args.shift is not None and args.shift <= 0 or args.max_grad_norm <= 0 or args.lora_rank and args.lora_alpha <= 0:
+        return "--shift, --max_grad_norm and --lora_alpha must be > 0"
     m = args.size_multiple
     if args.height % m or args.width % m:
         return f"--resolution/--height/--width must be multiples of {m} for {args.model}, got {args.height}x{args.width}"
@@ -467,8 +473,10 @@ def save_checkpoint(pipe, net, optimizer, args, iteration, rank, ema=None):
             write_network(pipe, net, {**model_state, **ema_state}, tmp, args, suffix="_ema")
         lora = {k: v for k, v in model_state.items() if "lora_" in k} if args.lora_rank else None
         lora_ema = ema_state if args.lora_rank and ema is not None else None
-        torch.save({"iteration": iteration, "optimizer": optim_state, "lora": lora, "lora_ema": lora_ema,
-                    "model": args.model, "lora_rank": args.lora_rank}, tmp / "trainer_state.pt")
+        torch.save({"iteration": iteration, "optimizer": optim_state, "lora": lora, "lora_ema": lora_ema},
+                   tmp / "trainer_state.pt")
+        (tmp / "checkpoint.json").write_text(json.dumps(  # what --resume checks before building anything
+            {"iteration": iteration, "model": args.model, "lora_rank": args.lora_rank, "ema": ema is not None}))
         if final.exists():
             import shutil
             shutil.rmtree(final)
@@ -478,29 +486,39 @@ def save_checkpoint(pipe, net, optimizer, args, iteration, rank, ema=None):
 
 
 def find_checkpoint(args) -> Path | None:
+    """The checkpoint --resume names ('auto': the newest complete one in --output_dir, or None),
+    checked against this run's model and LoRA rank before any model is built."""
     if args.resume is None:
         return None
     if args.resume == "auto":
-        done = sorted(args.output_dir.glob("checkpoint-*/trainer_state.pt"))
-        return done[-1].parent if done else None
-    path = Path(args.resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise SystemExit(f"error: --resume {path} is not a complete checkpoint (no trainer_state.pt)")
+        done = sorted(args.output_dir.glob("checkpoint-*/checkpoint.json"))
+        if not done:
+            return None
+        path = done[-1].parent
+    else:
+        path = Path(args.resume)
+        if not (path / "checkpoint.json").is_file() or not (path / "trainer_state.pt").is_file():
+            raise SystemExit(f"error: --resume {path} is not a complete checkpoint (no checkpoint.json / trainer_state.pt)")
+    meta = json.loads((path / "checkpoint.json").read_text())
+    if (meta["model"], meta["lora_rank"]) != (args.model, args.lora_rank):
+        raise SystemExit(f"error: --resume {path} holds a {meta['model']} checkpoint with --lora_rank {meta['lora_rank']}, "
+                         f"not {args.model} with --lora_rank {args.lora_rank}")
     return path
 
 
 def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
-    """Restore weights, optimizer and EMA (in place); returns the iteration to start from."""
+    """Restore weights, optimizer and EMA (in place; a checkpoint without one starts the EMA from
+    its weights); returns the iteration to start from."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if state["model"] != args.model or state["lora_rank"] != args.lora_rank:
-        raise SystemExit(f"error: --resume {path} holds a {state['model']} checkpoint with lora_rank {state['lora_rank']}, "
-                         f"not {args.model} with lora_rank {args.lora_rank}")
+    has_ema = json.loads((path / "checkpoint.json").read_text())["ema"]
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    if ema is not None:  # load the EMA weights into the network to shard them like the parameters, copy them out
+    if ema is not None and has_ema:  # load the EMA into the network to shard it like the parameters, copy it out
         set_model_state_dict(net, read_network(path, args, suffix="_ema"), options=opts)
         torch._foreach_copy_(ema, [p.detach() for p in net.parameters() if p.requires_grad])
     set_model_state_dict(net, read_network(path, args), options=opts)
+    if ema is not None and not has_ema:
+        torch._foreach_copy_(ema, [p.detach() for p in net.parameters() if p.requires_grad])
     set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     return state["iteration"]
 
@@ -553,6 +571,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)
     specs = rewards.parse_reward_spec(args.reward)
+    checkpoint = find_checkpoint(args)
     rank, world, device = setup_distributed()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "samples").mkdir(exist_ok=True)
@@ -566,7 +585,6 @@ def main(argv=None):
     net, params, optimizer = prepare_policy(pipe, args, device)
     ema = [p.detach().clone() for p in params] if args.ema_decay else None
     schedule, model_t, kind = schedule_for(pipe, args)
-    checkpoint = find_checkpoint(args)
     start = load_checkpoint(checkpoint, pipe, net, optimizer, args, ema) if checkpoint else 0
     history = load_history(args, start) if rank == 0 else []
     fixed = dict(prompts=prompts[:4], noise=models.initial_noise(pipe, 4, args.height, args.width, None, seeded(args.seed, 999)))

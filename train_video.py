@@ -113,6 +113,7 @@ def main(argv=None):
     """Train; returns the pipeline and its trained network (sharded when run under torchrun)."""
     args = parse_args(argv)
     prompts, specs = ti.read_prompts(args.prompts), rewards.parse_reward_spec(args.reward)
+    checkpoint = ti.find_checkpoint(args)
     rank, world, device = ti.setup_distributed()
     (args.output_dir / "samples").mkdir(parents=True, exist_ok=True)
     i2v, G, H, W, F = models.FAMILY[args.model] == "skyreels", args.group_size, args.height, args.width, args.num_frames
@@ -129,7 +130,6 @@ def main(argv=None):
     if device.type == "cuda":
         pipe.vae.enable_tiling()  # decode 53 frames at 480p in tiles
     schedule, model_t, kind = ti.schedule_for(pipe, args)  # flow sigmas with the model's shift
-    checkpoint = ti.find_checkpoint(args)
     start = ti.load_checkpoint(checkpoint, pipe, net, optimizer, args, ema) if checkpoint else 0
     history = ti.load_history(args, start) if rank == 0 else []
     n_fixed = 2  # sample videos: fixed prompts, noise and first frames

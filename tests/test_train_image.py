@@ -243,3 +243,58 @@ def test_rollout_in_chunks_gives_the_same_samples():
     chunked = train_image.sample(pipe, cond, noise, schedule, model_t, kind, 1.0, args, torch.Generator().manual_seed(1))
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_of_another_model_is_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST])
+    ckpt = str(tmp_path / "checkpoint-000002")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the bad --resume was refused")
+    monkeypatch.setattr(models, "load_pipeline", no_model)
+    for flags, message in ((["--model", "tiny-sd"], "tiny-flux checkpoint"), (["--lora_rank", "4"], "--lora_rank 0"),
+                           (["--model", "tiny-flux", "--resume", str(tmp_path / "samples")], "not a complete checkpoint")):
+        with pytest.raises(SystemExit, match=message):
+            train_image.main(["--model", "tiny-flux", "--resume", ckpt, "--output_dir", str(tmp_path / "new"), *flags])
+
+
+def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
+    real = train_image.accumulate_gradients
+    calls = {"n": 0}
+
+    def poisoned(pipe, batch, *args):
+        loss, ratios = real(pipe, batch, *args)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second update: one gradient entry becomes Inf
+            next(p for p in pipe.transformer.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return loss, ratios
+    monkeypatch.setattr(train_image, "accumulate_gradients", poisoned)
+    train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "3",
+                      "--checkpoint_every", "1"])
+    assert [r["skipped_updates"] for r in read_metrics(tmp_path)] == [0, 1, 0]
+    w1, w2 = weights(tmp_path / "checkpoint-000001"), weights(tmp_path / "checkpoint-000002")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "checkpoint-000003").values())
+
+
+def test_real_model_name_trains_from_a_local_folder(tmp_path):
+    """--model flux --model_path DIR goes through from_pretrained, the real loading path."""
+    models.load_pipeline("tiny-flux").save_pretrained(tmp_path / "weights")
+    train_image.main(["--model", "flux", "--model_path", str(tmp_path / "weights"), "--reward", "brightness",
+                      "--resolution", "32", "--output_dir", str(tmp_path / "run"), *FAST])
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and rows[0]["first_ratio_error"] < 1e-5
+    assert (tmp_path / "run" / "checkpoint-000002" / "transformer" / "config.json").is_file()
+
+
+def test_every_group_and_iteration_draws_its_own_noise():
+    args = train_image.parse_args(["--model", "tiny-flux", "--group_size", "2", "--num_steps", "4"])
+    pipe = models.load_pipeline("tiny-flux")
+    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    cond = models.encode_prompts(pipe, ["a cat"] * 4, "cpu")
+    runs = [train_image.rollout_groups(pipe, cond, groups, (64, 64), schedule, model_t, kind, args, it)[0]
+            for groups, it in (([0, 1], 0), ([0, 1], 1))]  # latents [4, T+1, 64, 64]
+    first = [x[:, 0] for x in runs]
+    assert torch.equal(first[0][0], first[0][1]) and not torch.equal(first[0][0], first[0][2])  # shared in a group
+    assert not torch.equal(first[0][0], first[1][0])  # a new iteration, new noise
+    assert not torch.equal(runs[0][0, 1], runs[0][1, 1])  # the SDE noise differs within a group

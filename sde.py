@@ -45,7 +45,9 @@ def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
     return value.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _check_shapes(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, names: str) -> None:
+def _check_inputs(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, eta, names: str) -> None:
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     if model_output.shape != latents.shape:
         raise ValueError(f"{names} must have the same shape as latents, got {tuple(model_output.shape)} and {tuple(latents.shape)}")
     if prev_sample is not None and prev_sample.shape != latents.shape:
@@ -105,9 +107,7 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
-    _check_shapes(velocity, latents, prev_sample, "velocity")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_inputs(velocity, latents, prev_sample, eta, "velocity")
     sigma = _per_sample(sigma, latents, "sigma")
     sigma_next = _per_sample(sigma_next, latents, "sigma_next")
     if not bool((sigma > sigma_next).all()) or not bool((sigma_next >= 0).all()) or not bool((sigma <= 1).all()):
@@ -139,9 +139,7 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_samp
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
-    _check_shapes(noise_pred, latents, prev_sample, "noise_pred")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_inputs(noise_pred, latents, prev_sample, eta, "noise_pred")
     a_t = _per_sample(alpha_bar, latents, "alpha_bar")
     a_prev = _per_sample(alpha_bar_prev, latents, "alpha_bar_prev")
     if not bool((a_t > 0).all()) or not bool((a_prev <= 1).all()) or not bool((a_t < a_prev).all()):

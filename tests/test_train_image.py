@@ -1,6 +1,5 @@
 """Smoke runs of train_image.py on the tiny presets, checkpoints, LoRA, and two gloo ranks."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,24 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import models
 import train_image
-from conftest import free_port
+from conftest import assert_checkpoint_holds, free_port, read_metrics, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "2", "--group_size", "2", "--prompts_per_rank", "2", "--num_steps", "4"]
 FIELDS = {"iteration", "reward_mean", "reward_std", "reward_brightness", "loss", "clip_fraction", "grad_norm",
           "samples_per_s", "time_s", "world_size", "first_ratio_error", "skipped_updates"}
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path):
-    return load_file(next(Path(path).glob("*/diffusion_pytorch_model.safetensors")))
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd"])
@@ -37,11 +27,7 @@ def test_smoke_run_writes_metrics_samples_and_checkpoint(model, tmp_path):
     assert rows[0]["first_ratio_error"] < 1e-5  # rollout and training compute the same log-probs
     assert rows[0]["world_size"] == 1 and rows[0]["skipped_updates"] == 0
     assert (tmp_path / "reward_curve.png").is_file() and list((tmp_path / "samples").glob("iter_*.png"))
-    ckpt = tmp_path / "checkpoint-000002"
-    assert (ckpt / "trainer_state.pt").is_file()
-    saved = weights(ckpt)
-    for name, p in net.state_dict().items():
-        torch.testing.assert_close(saved[name], p, rtol=0, atol=0)
+    assert_checkpoint_holds(tmp_path / "checkpoint-000002", net)
 
 
 def test_training_changes_the_weights_and_checkpoint_loads_into_the_pipeline(tmp_path):
@@ -219,11 +205,14 @@ def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
     ckpt = [tmp_path / run / "checkpoint-000003" for run in ("straight", "resumed")]
     ema_a, ema_b = (train_image.read_network(c, args, suffix="_ema") for c in ckpt)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    # EMA with decay 0.5 over 3 steps from w0: 0.125 w0 + 0.125 w1 + 0.25 w2 + 0.5 w3, between old and new weights
-    w0 = models.trained_module(models.load_pipeline("tiny-flux")).state_dict()
-    w1, w3 = (train_image.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args) for i in (1, 3))
-    moved = [k for k in w3 if not torch.equal(w3[k], w1[k])]
-    assert moved and all(not torch.equal(ema_a[k], w3[k]) for k in moved)
+    # one AdamW step an iteration, EMA with decay 0.5 from w0: 0.125 w0 + 0.125 w1 + 0.25 w2 + 0.5 w3
+    initial, _, _ = train_image.prepare_policy(models.load_pipeline("tiny-flux"), args, torch.device("cpu"))
+    w = [initial.state_dict()] + [train_image.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args)
+                                  for i in (1, 2, 3)]
+    assert any(not torch.equal(w[3][k], w[0][k]) for k in ema_a)
+    for k in ema_a:
+        expected = 0.125 * w[0][k] + 0.125 * w[1][k] + 0.25 * w[2][k] + 0.5 * w[3][k]
+        torch.testing.assert_close(ema_a[k], expected, rtol=1e-5, atol=1e-6)
     if lora:
         fresh = models.load_pipeline("tiny-flux")
         fresh.load_lora_weights(ckpt[0], weight_name="pytorch_lora_weights_ema.safetensors")

@@ -2,7 +2,6 @@
 and two gloo ranks."""
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -11,27 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import grpo
 import models
 import train_image
 import train_video
-from conftest import free_port
+from conftest import assert_checkpoint_holds, free_port, read_metrics, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--reward", "brightness", "--iterations", "2", "--group_size", "4", "--prompts_per_rank", "1", "--num_steps", "4"]
 FIELDS = {"iteration", "reward_mean", "reward_std", "reward_brightness", "loss", "clip_fraction", "grad_norm",
           "first_ratio_error", "skipped_updates", "sampled_samples", "trained_samples", "samples_per_s", "time_s",
           "world_size"}
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path):
-    return load_file(Path(path) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.mark.parametrize("model, keep", [("tiny-hunyuan", 2), ("tiny-skyreels", 4)])
@@ -49,11 +39,7 @@ def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
     gif = Image.open(samples / "iter_000002_0.gif")
     assert gif.n_frames == 9 and gif.size == (128, 128)  # the tiny presets: 9 frames of 32 x 32, shown 4x
     assert Image.open(samples / "iter_000002.png").size == (8 * 128, 2 * 128)  # 8 frames a row, one row a video
-    ckpt = tmp_path / "checkpoint-000002"
-    assert (ckpt / "trainer_state.pt").is_file()
-    saved = weights(ckpt)
-    for name, p in net.state_dict().items():
-        torch.testing.assert_close(saved[name], p, rtol=0, atol=0)
+    assert_checkpoint_holds(tmp_path / "checkpoint-000002", net)
 
 
 def test_tiny_hunyuan_learns_to_make_brighter_videos(tmp_path):

@@ -26,6 +26,9 @@ each; both use the same torch thread count.
 `--model flux` (the default on CUDA) builds FluxTransformer2DModel from FLUX.1-dev's config with random
 weights and random text embeddings: no VAE or reward model, so no reward phase (random scores, untimed).
 FLOPs are counted from the config (flux_flops); MFU divides by a matmul peak measured in the same run.
+Both structures are credited with the same work, N x T forwards for the rollout: (a) runs the first step
+once per group (its G samples share noise, prompt and timestep), so its rollout figure is effective
+throughput, about T / (T - 1 + 1/G) above the FLOPs it really executes.
 The last line printed is one JSON object (speedup, same_gradient, samples/s of each structure, device, ...).
 """
 

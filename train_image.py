@@ -242,19 +242,27 @@ def schedule_for(pipe, args):
 
 
 @torch.no_grad()
-def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, extra=None):
+def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, extra=None, shared_first=1):
     """Roll out a batch with the SDE: latents [B, T+1, ...], log_probs [B, T], final [B, ...].
-    The network sees `rollout_batch` samples a call (all when None): less memory, the same samples."""
+    The network sees `rollout_batch` samples a call (all when None): less memory, the same samples.
+    shared_first = G when each run of G samples shares its noise, prompt and first frame: their
+    first step is then one network call, not G (the same velocity; the SDE noise still differs)."""
     device, chunk = noise.device, args.rollout_batch or len(noise)
 
-    def denoise(x, i):
-        t, outs = model_t[i].to(device).expand(x.shape[0]), []
-        for part in (slice(s, s + chunk) for s in range(0, len(x), chunk)):
+    def network(x, t, rows):
+        outs = []
+        for part in (rows[s:s + chunk] for s in range(0, len(rows), chunk)):
             with autocast(device):
                 outs.append(models.predict(pipe, x[part], t[part], {k: v[part] for k, v in cond.items()},
                                            args.guidance_scale, args.height, args.width,
                                            {k: v[part] for k, v in extra.items()} if extra else None))
         return torch.cat(outs)
+
+    def denoise(x, i):
+        t = model_t[i].to(device).expand(x.shape[0])
+        if i == 0 and shared_first > 1:
+            return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
+        return network(x, t, torch.arange(len(x)))
     return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
 
 
@@ -270,7 +278,8 @@ def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, arg
     noise = sde.group_noise(len(groups), args.group_size, noise_shape,
                             [seeded(args.seed, iteration, g) for g in groups], args.same_noise).to(device)
     step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
-    return sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, step_noise, extra)
+    return sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, step_noise, extra,
+                  shared_first=args.group_size if args.same_noise else 1)
 
 
 def timesteps_for(groups, args, iteration) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+import sde
 import train_image
 from conftest import assert_checkpoint_holds, free_port, read_metrics, weights
 
@@ -287,3 +288,15 @@ def test_every_group_and_iteration_draws_its_own_noise():
     assert torch.equal(first[0][0], first[0][1]) and not torch.equal(first[0][0], first[0][2])  # shared in a group
     assert not torch.equal(first[0][0], first[1][0])  # a new iteration, new noise
     assert not torch.equal(runs[0][0, 1], runs[0][1, 1])  # the SDE noise differs within a group
+
+
+def test_first_step_shared_by_a_group_gives_the_same_samples():
+    args = train_image.parse_args(["--model", "tiny-flux", "--group_size", "3", "--num_steps", "4"])
+    pipe = models.load_pipeline("tiny-flux")
+    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    cond = models.encode_prompts(pipe, ["a cat"] * 3 + ["a dog"] * 3, "cpu")
+    noise = sde.group_noise(2, 3, (64, 64), torch.Generator().manual_seed(0))
+    runs = [train_image.sample(pipe, cond, noise, schedule, model_t, kind, 0.3, args,
+                               torch.Generator().manual_seed(1), shared_first=g) for g in (1, 3)]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

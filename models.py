@@ -14,6 +14,12 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
 import string
 
 import torch
+from transformers.utils import logging as transformers_logging
+
+# diffusers' pipeline imports make transformers warn that torchvision (image processors) is missing;
+# nothing here needs it, so those import-time warnings are silenced.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
 from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, HunyuanSkyreelsImageToVideoPipeline,
                        HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, StableDiffusionPipeline,
@@ -23,6 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer,
                           T5Config, T5EncoderModel, T5Tokenizer)
+
+transformers_logging.set_verbosity(_verbosity)
 
 HUB_IDS = {
     "flux": "black-forest-labs/FLUX.1-dev",

@@ -206,6 +206,20 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and not dist.is_initialized())
 
 
+def progress(total, desc):
+    """An inner progress bar (rank 0, terminals only) that disappears when done."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return tqdm(total=total, desc=desc, leave=False, disable=None if rank == 0 else True)
+
+
+def progress_range(start, stop, step, desc):
+    """range(start, stop, step) with a progress bar."""
+    with progress(len(range(start, stop, step)), desc) as bar:
+        for i in range(start, stop, step):
+            yield i
+            bar.update()
+
+
 def seeded(*keys, device="cpu") -> torch.Generator:
     """A generator seeded by a tuple (seed, iteration, rank, ...): draws are reproducible on resume
     and distinct across ranks and iterations."""
@@ -258,12 +272,16 @@ def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, ext
                                            {k: v[part] for k, v in extra.items()} if extra else None))
         return torch.cat(outs)
 
+    bar = progress(len(model_t), "rollout")
+
     def denoise(x, i):
+        bar.update()
         t = model_t[i].to(device).expand(x.shape[0])
         if i == 0 and shared_first > 1:
             return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
         return network(x, t, torch.arange(len(x)))
-    return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
+    with bar:
+        return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
 
 
 def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, args, iteration, extra=None):
@@ -334,7 +352,7 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
     step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
     schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
     total_loss, ratios = 0.0, []
-    for start in range(0, len(pair_sample), args.micro_batch):
+    for start in progress_range(0, len(pair_sample), args.micro_batch, "update"):
         b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]  # [m]
         x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)  # [m, ...]
         cond = {key: v[b] for key, v in batch["cond"].items()}

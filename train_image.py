@@ -532,6 +532,13 @@ def find_checkpoint(args) -> Path | None:
     return path
 
 
+def copy_params(tensors, net):
+    """Copy the trained parameters into `tensors` (plain or FSDP-sharded alike)."""
+    with torch.no_grad():
+        for t, p in zip(tensors, [p for p in net.parameters() if p.requires_grad]):
+            t.copy_(p)
+
+
 def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
     """Restore weights, optimizer and EMA (in place; a checkpoint without one starts the EMA from
     its weights); returns the iteration to start from."""
@@ -541,10 +548,10 @@ def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
     opts = StateDictOptions(full_state_dict=True, strict=False)
     if ema is not None and has_ema:  # load the EMA into the network to shard it like the parameters, copy it out
         set_model_state_dict(net, read_network(path, args, suffix="_ema"), options=opts)
-        torch._foreach_copy_(ema, [p.detach() for p in net.parameters() if p.requires_grad])
+        copy_params(ema, net)
     set_model_state_dict(net, read_network(path, args), options=opts)
     if ema is not None and not has_ema:
-        torch._foreach_copy_(ema, [p.detach() for p in net.parameters() if p.requires_grad])
+        copy_params(ema, net)
     set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     return state["iteration"]
 

@@ -69,7 +69,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tune, else LoRA rank (peft)")
     p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: at the end only)")
+    p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: 20; tiny: at the end)")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="newest checkpoints kept on disk (0 = all)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
@@ -90,7 +91,7 @@ def parse_args(argv=None, model_choices=IMAGE_MODELS, parser=None):
         args.height = args.width = args.resolution
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     args.output_dir = Path(args.output_dir or f"runs/{args.model}")
-    args.checkpoint_every = args.checkpoint_every or args.iterations
+    args.checkpoint_every = args.checkpoint_every or (args.iterations if args.model.startswith("tiny") else 20)
     args.sample_every = args.sample_every or max(1, args.iterations // 4)
     problem = check_args(args)
     if problem:
@@ -112,7 +113,7 @@ def check_args(args) -> str | None:
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
-    for name in ("lora_rank", "weight_decay", "guidance_scale"):
+    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints"):
         if getattr(args, name) < 0:
             return f"--{name} must be >= 0, got {getattr(args, name)}"
     if args.shift is not None and args.shift <= 0 or args.max_grad_norm <= 0 or args.lora_rank and args.lora_alpha <= 0:
@@ -503,10 +504,13 @@ def save_checkpoint(pipe, net, optimizer, args, iteration, rank, ema=None):
                    tmp / "trainer_state.pt")
         (tmp / "checkpoint.json").write_text(json.dumps(  # what --resume checks before building anything
             {"iteration": iteration, "model": args.model, "lora_rank": args.lora_rank, "ema": ema is not None}))
+        import shutil
         if final.exists():
-            import shutil
             shutil.rmtree(final)
         os.replace(tmp, final)
+        done = sorted(p.parent for p in args.output_dir.glob("checkpoint-*/checkpoint.json"))
+        for old in done[:-args.keep_checkpoints] if args.keep_checkpoints else []:  # only after the new one is whole
+            shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
 

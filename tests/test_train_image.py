@@ -151,7 +151,7 @@ def test_nan_reward_skips_that_update_and_keeps_weights_finite(tmp_path, monkeyp
     import rewards
     monkeypatch.setitem(rewards.REWARDS, "brightness", nan_on({1}))
     train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "3",
-                      "--checkpoint_every", "1"])
+                      "--checkpoint_every", "1", "--keep_checkpoints", "0"])
     rows = read_metrics(tmp_path)
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
     w1, w2 = weights(tmp_path / "checkpoint-000001"), weights(tmp_path / "checkpoint-000002")
@@ -198,7 +198,7 @@ def test_unreadable_prompt_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]])
 def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
-    base = ["--model", "tiny-flux", *FAST, "--ema_decay", "0.5", "--checkpoint_every", "1", *lora]
+    base = ["--model", "tiny-flux", *FAST, "--ema_decay", "0.5", "--checkpoint_every", "1", "--keep_checkpoints", "0", *lora]
     pipe, net = train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "straight")])
     train_image.main([*base, "--iterations", "2", "--output_dir", str(tmp_path / "resumed")])
     train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "resumed"), "--resume", "auto"])
@@ -260,7 +260,7 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
         return loss, ratios
     monkeypatch.setattr(train_image, "accumulate_gradients", poisoned)
     train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "3",
-                      "--checkpoint_every", "1"])
+                      "--checkpoint_every", "1", "--keep_checkpoints", "0"])
     assert [r["skipped_updates"] for r in read_metrics(tmp_path)] == [0, 1, 0]
     w1, w2 = weights(tmp_path / "checkpoint-000001"), weights(tmp_path / "checkpoint-000002")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -323,3 +323,10 @@ def test_two_ranks_with_lora_and_ema_resume_like_one_rank(tmp_path):
         lr = models.model_defaults("tiny-flux")["lr"]
         # three AdamW steps of 3e-3 on each side; what differs is float32 summation order, amplified by Adam
         assert diff.median() < 1e-6 and (diff < 1e-5).float().mean() > 0.99 and diff.max() < 0.1 * lr
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--iterations", "4",
+                      "--checkpoint_every", "1", "--keep_checkpoints", "2"])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -78,9 +78,9 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, model_choices=IMAGE_MODELS, parser=None):
-    """parser: build_parser(...) with extra flags added (train_video.py); default build_parser(model_choices)."""
-    parser = parser or build_parser(model_choices)
+def parse_args(argv=None, parser=None):
+    """Parse, fill the model's defaults, check. parser: build_parser(...) with more flags (train_video.py)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.lr is None and args.lora_rank and not args.model.startswith("tiny"):
         args.lr = 3e-4  # the official FLUX LoRA script

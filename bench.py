@@ -126,10 +126,8 @@ def project_rollout(pipe, cond, groups, shape, schedule, model_t, args):
 
 
 def project_reward(pipe, scorers, specs, final, prompts, groups, args):
-    """Decode the whole batch and score it in memory (train_image.main, sections 3-4)."""
-    with torch.no_grad(), autocast(final.device):
-        images = models.decode(pipe, final, args.height, args.width)  # [N, 3, H, W]
-        scores = train_image.score(scorers, images, prompts)  # [K, N]
+    """Decode and score in memory, then advantages and timesteps (train_image.main, sections 3-4)."""
+    scores = train_image.decode_and_score(pipe, final, prompts, scorers, args)  # [K, N]
     return advantages_and_steps(scores, specs, groups, args)
 
 

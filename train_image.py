@@ -469,11 +469,12 @@ def write_network(pipe, net, state, folder, args, suffix=""):
         save_file({k: v.contiguous() for k, v in state.items()}, folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
 
 
-def read_network(folder, args, suffix="") -> dict:
-    """What write_network wrote, as a state dict with the network's own parameter names."""
+def read_network(folder, args, suffix="", state=None) -> dict:
+    """What write_network wrote, as a state dict with the network's own parameter names. LoRA
+    weights come from trainer_state.pt (pass `state` when it is loaded already)."""
     from safetensors.torch import load_file
     if args.lora_rank:
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = state or torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
         return state["lora" + suffix]
     subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
     return load_file(folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
@@ -551,9 +552,9 @@ def load_checkpoint(path, pipe, net, optimizer, args, ema=None) -> int:
     has_ema = json.loads((path / "checkpoint.json").read_text())["ema"]
     opts = StateDictOptions(full_state_dict=True, strict=False)
     if ema is not None and has_ema:  # load the EMA into the network to shard it like the parameters, copy it out
-        set_model_state_dict(net, read_network(path, args, suffix="_ema"), options=opts)
+        set_model_state_dict(net, read_network(path, args, "_ema", state), options=opts)
         copy_params(ema, net)
-    set_model_state_dict(net, read_network(path, args), options=opts)
+    set_model_state_dict(net, read_network(path, args, "", state), options=opts)
     if ema is not None and not has_ema:
         copy_params(ema, net)
     set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))

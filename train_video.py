@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import grpo
 import models
 import rewards
@@ -113,7 +114,7 @@ def main(argv=None):
     """Train; returns the pipeline and its trained network (sharded when run under torchrun)."""
     args = parse_args(argv)
     prompts, specs = ti.read_prompts(args.prompts), rewards.parse_reward_spec(args.reward)
-    checkpoint = ti.find_checkpoint(args)
+    resume_from = checkpoint.find(args)
     rank, world, device = ti.setup_distributed()
     (args.output_dir / "samples").mkdir(parents=True, exist_ok=True)
     i2v, G, H, W, F = models.FAMILY[args.model] == "skyreels", args.group_size, args.height, args.width, args.num_frames
@@ -130,7 +131,7 @@ def main(argv=None):
     if device.type == "cuda":
         pipe.vae.enable_tiling()  # decode 53 frames at 480p in tiles
     schedule, model_t, kind = ti.schedule_for(pipe, args)  # flow sigmas with the model's shift
-    start = ti.load_checkpoint(checkpoint, pipe, net, optimizer, args, ema) if checkpoint else 0
+    start = checkpoint.load(resume_from, pipe, net, optimizer, args, ema) if resume_from else 0
     history = ti.load_history(args, start) if rank == 0 else []
     n_fixed = 2  # sample videos: fixed prompts, noise and first frames
     fixed = dict(prompts=prompts[:n_fixed], noise=models.initial_noise(pipe, n_fixed, H, W, F, ti.seeded(args.seed, 999)))
@@ -184,7 +185,7 @@ def main(argv=None):
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
-            ti.save_checkpoint(pipe, net, optimizer, args, iteration + 1, rank, ema)
+            checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
     return pipe, net
 
 

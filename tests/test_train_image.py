@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import models
 import sde
 import train_image
@@ -179,7 +180,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_for_resume(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train_image.main([*base, "--iterations", "2", "--resume", "auto"])
     assert not (tmp_path / "checkpoint-000002").exists()  # only a temporary folder was left behind
-    assert train_image.find_checkpoint(train_image.parse_args([*base, "--resume", "auto"])) == tmp_path / "checkpoint-000001"
+    assert checkpoint.find(train_image.parse_args([*base, "--resume", "auto"])) == tmp_path / "checkpoint-000001"
     monkeypatch.undo()
     train_image.main([*base, "--iterations", "2", "--resume", "auto"])
     assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").is_file()
@@ -204,11 +205,11 @@ def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
     train_image.main([*base, "--iterations", "3", "--output_dir", str(tmp_path / "resumed"), "--resume", "auto"])
     args = train_image.parse_args([*base, "--output_dir", str(tmp_path)])
     ckpt = [tmp_path / run / "checkpoint-000003" for run in ("straight", "resumed")]
-    ema_a, ema_b = (train_image.read_network(c, args, suffix="_ema") for c in ckpt)
+    ema_a, ema_b = (checkpoint.read_network(c, args, suffix="_ema") for c in ckpt)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     # one AdamW step an iteration, EMA with decay 0.5 from w0: 0.125 w0 + 0.125 w1 + 0.25 w2 + 0.5 w3
     initial, _, _ = train_image.prepare_policy(models.load_pipeline("tiny-flux"), args, torch.device("cpu"))
-    w = [initial.state_dict()] + [train_image.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args)
+    w = [initial.state_dict()] + [checkpoint.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args)
                                   for i in (1, 2, 3)]
     assert any(not torch.equal(w[3][k], w[0][k]) for k in ema_a)
     for k in ema_a:
@@ -317,7 +318,7 @@ def test_two_ranks_with_lora_and_ema_resume_like_one_rank(tmp_path):
     assert [r["world_size"] for r in read_metrics(tmp_path / "two")] == [2, 2, 2]
     parsed = train_image.parse_args([*args, "--output_dir", str(tmp_path)])
     for suffix in ("", "_ema"):
-        one, two = (train_image.read_network(tmp_path / run / "checkpoint-000003", parsed, suffix) for run in ("one", "two"))
+        one, two = (checkpoint.read_network(tmp_path / run / "checkpoint-000003", parsed, suffix) for run in ("one", "two"))
         assert one.keys() == two.keys() and all("lora_" in k for k in one)
         diff = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
         lr = models.model_defaults("tiny-flux")["lr"]

@@ -138,7 +138,7 @@ def project_update(pipe, batch, args, device):
 
 
 def advantages_and_steps(scores, specs, groups, args):
-    adv = grpo.multi_reward_advantages(scores.cpu(), [s.weight for s in specs], args.group_size, args.adv_clip)
+    adv = grpo.reward_advantages(scores.cpu(), args.group_size, args.adv_clip)  # [K, N]
     return scores, adv, train_image.timesteps_for(groups, args, 0)
 
 
@@ -197,8 +197,8 @@ def official_update(pipe, batch, args, device):
             with autocast(device):
                 v = models.predict(pipe, x, model_t[j:j + 1], c, args.guidance_scale, args.height, args.width)
             _, log_prob, _, _ = sde.flow_sde_step(v, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)
-            old, adv = batch["log_probs"][b:b + 1, j].to(device), batch["advantages"][b:b + 1].to(device)
-            (grpo.clipped_loss(log_prob, old, adv, args.clip_range) / (n * k)).backward()
+            old, adv = batch["log_probs"][b:b + 1, j].to(device), batch["advantages"][:, b:b + 1].to(device)
+            (grpo.clipped_loss(log_prob, old, adv, args.clip_range, batch["weights"]) / (n * k)).backward()
 
 
 # ----------------------------------------------------------------------------- one iteration, both ways
@@ -231,7 +231,8 @@ def iteration(setup, groups, args, device, folder):
     else:  # no reward model (--model flux): random scores, untimed
         scores = torch.randn(1, len(prompts), generator=seeded(args.seed, 0, 3))
         _, adv, steps = advantages_and_steps(scores, specs[:1], groups, args)
-    batch = dict(latents=a_roll[0], log_probs=a_roll[1], advantages=adv, steps=steps, cond=cond,
+    batch = dict(latents=a_roll[0], log_probs=a_roll[1], advantages=adv, weights=[s.weight for s in specs[:len(adv)]],
+                 steps=steps, cond=cond,
                  schedule=schedule, model_t=model_t, kind="flow", extra=None)
     net.zero_grad(set_to_none=True)
     _, ta = timed(lambda: project_update(pipe, batch, args, device), device)

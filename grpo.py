@@ -1,8 +1,9 @@
 """Group Relative Policy Optimization for visual generators (DanceGRPO Sec. 3.1-3.3).
 
   group_advantages          rewards z-scored within each prompt's group          Eq. (4)
-  multi_reward_advantages   one advantage per reward, summed with weights        Sec. 3.3
-  clipped_loss              the PPO-style clipped surrogate, no KL term          Eq. (3)
+  reward_advantages         one advantage per reward (several rewards)           Sec. 3.3
+  multi_reward_advantages   their weighted sum (what best-of-N ranks by)         Sec. 3.3
+  clipped_loss              the PPO-style clipped surrogate, one per reward, no KL   Eq. (3)
   select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
   gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
@@ -36,37 +37,50 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) 
     return adv.clamp(-clip, clip).flatten()
 
 
-def multi_reward_advantages(rewards: torch.Tensor, weights, group_size: int, clip: float = 5.0) -> torch.Tensor:
-    """Several rewards: advantages computed per reward, then summed with weights (Sec. 3.3).
+def reward_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) -> torch.Tensor:
+    """Several rewards: one advantage per reward, each z-scored in its group (Sec. 3.3), so a reward
+    with a large scale does not drown the others. rewards: Tensor[K, N]. Returns Tensor[K, N];
+    clipped_loss takes it with the rewards' weights."""
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [K, N], got shape {tuple(rewards.shape)}")
+    return torch.stack([group_advantages(r, group_size, clip) for r in rewards])
 
-    Normalising each reward in its group before summing keeps a reward with a large scale from
-    drowning the others. rewards: Tensor[K, N] (K rewards), weights: K floats. Returns Tensor[N].
-    """
+
+def multi_reward_advantages(rewards: torch.Tensor, weights, group_size: int, clip: float = 5.0) -> torch.Tensor:
+    """The weighted sum of the per-reward advantages, sum_k w_k A_k: Tensor[N]. What best-of-N ranks
+    samples by (as the official HunyuanVideo script). rewards: Tensor[K, N], weights: K floats."""
     if rewards.ndim != 2 or rewards.shape[0] != len(weights):
         raise ValueError(f"rewards must be [K, N] with K = len(weights) = {len(weights)}, got shape {tuple(rewards.shape)}")
-    return sum(w * group_advantages(r, group_size, clip) for w, r in zip(weights, rewards))
+    return sum(w * a for w, a in zip(weights, reward_advantages(rewards, group_size, clip)))
 
 
-def clipped_loss(log_prob, old_log_prob, advantages, clip_range):
+def clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
     """The clipped surrogate of DanceGRPO Eq. (3) (PPO, Schulman et al. 2017, Eq. 7), negated to minimise:
 
       r = exp(log_prob - old_log_prob)
       loss = mean( max(-A r, -A clamp(r, 1 - eps, 1 + eps)) )
 
-    log_prob, old_log_prob, advantages: Tensor[M], one entry per trained (sample, timestep).
+    log_prob, old_log_prob: Tensor[M], one entry per trained (sample, timestep).
+    advantages: Tensor[M]; or Tensor[K, M], one row per reward, with `weights` (K floats): then the
+    loss is sum_k w_k * loss(A_k), one clipped loss per reward as the official HunyuanVideo script
+    (vq_coef * L(A_vq) + mq_coef * L(A_mq)). That differs from one loss of the weighted advantage
+    sum_k w_k A_k once a ratio leaves the clip range and the rewards' advantages differ in sign.
     No KL term: the paper drops it (see gaussian_kl for an optional one). Returns a scalar.
     """
-    if not (log_prob.shape == old_log_prob.shape == advantages.shape):
+    rows = advantages if advantages.ndim == 2 else advantages[None]  # [K, M]
+    weights = [1.0] if weights is None else list(weights)
+    if not (log_prob.shape == old_log_prob.shape == rows.shape[1:]) or len(weights) != rows.shape[0]:
         raise ValueError(
-            f"log_prob, old_log_prob and advantages must have one shape, got "
-            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+            f"log_prob, old_log_prob [M] and advantages [M] or [K, M] with K weights must agree, got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}, {len(weights)} weights"
         )
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean()
+    ratio = torch.exp(log_prob - old_log_prob)  # [M]
+    unclipped = -rows * ratio  # [K, M]
+    clipped = -rows * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_reward = torch.maximum(unclipped, clipped).mean(dim=1)  # [K]
+    return sum(w * l for w, l in zip(weights, per_reward))
 
 
 def select_timesteps(num_steps: int, fraction: float, num_samples: int, generator=None) -> torch.Tensor:

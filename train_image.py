@@ -362,8 +362,8 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
         with autocast(device):
             out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
         _, log_prob, _, _ = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
-        old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][b].to(device)
-        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range) * len(b) / len(pair_sample)
+        old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
+        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"]) * len(b) / len(pair_sample)
         loss.backward()
         total_loss += loss.item()
         ratios.append(torch.exp(log_prob.detach() - old_log_prob))
@@ -373,11 +373,12 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
 def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
 
-    batch: latents [N, T+1, ...], log_probs [N, T], advantages [N], steps [N, k] (selected),
-    cond (batch-first dict), schedule, model_t, kind, extra. One optimizer step per
-    `grad_accum` samples (as the official code), over all their k selected timesteps.
-    A step whose gradient is not finite is skipped. `ema`, a list of tensors like `params`, is
-    moved toward the new weights after each step. Returns a dict of statistics.
+    batch: latents [N, T+1, ...], log_probs [N, T], advantages [K, N] (one row per reward) with
+    weights [K], steps [N, k] (selected), cond (batch-first dict), schedule, model_t, kind, extra.
+    One optimizer step per `grad_accum` samples (as the official code), over all their k selected
+    timesteps. A step whose gradient is not finite is skipped. `ema`, a list of tensors like
+    `params`, is moved toward the new weights once, after the iteration's last step (as the
+    official FLUX script's EMA). Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
     stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
@@ -395,12 +396,12 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if torch.isfinite(grad_norm):
             optimizer.step()
-            if ema is not None:  # Polyak average: ema <- decay * ema + (1 - decay) * weights
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
         else:  # a non-finite loss or gradient: skip this update, keep the weights finite
             stats["skipped_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
         stats["grad_norm"] += grad_norm.item() / num_updates
+    if ema is not None:  # Polyak average once per iteration: ema <- decay * ema + (1 - decay) * weights
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
     net.eval()
     return stats
 
@@ -537,13 +538,13 @@ def main(argv=None):
         # 3. reward: decode and score in memory
         scores = decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
-        # 4. advantages per group and per reward, summed with weights; timesteps per sample
-        advantages = grpo.multi_reward_advantages(scores, [s.weight for s in specs], args.group_size, args.adv_clip)
+        # 4. advantages per group and per reward (one clipped loss each, summed with weights); timesteps per sample
+        advantages = grpo.reward_advantages(scores, args.group_size, args.adv_clip)  # [K, N]
         steps = timesteps_for(groups, args, iteration)  # [N, k]
 
         # 5. policy update on the selected timesteps
-        batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
-                     schedule=schedule, model_t=model_t, kind=kind, extra=None)
+        batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[s.weight for s in specs],
+                     steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind=kind, extra=None)
         stats = update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 

@@ -1,5 +1,7 @@
 """grpo.py against references written here and its invariants."""
 
+import math
+
 import pytest
 import torch
 
@@ -51,6 +53,24 @@ def test_clipped_loss_equals_ppo_surrogate():
     assert abs(loss.item() - sum(expected) / 64) < 1e-5
 
 
+def test_several_rewards_give_one_clipped_loss_each_not_one_of_the_summed_advantage():
+    """Official HunyuanVideo: vq_coef * L(A_vq) + mq_coef * L(A_mq). A ratio above 1 + eps with A_vq > 0 > A_mq:
+    the VQ term is clipped (flat at 1 + eps), the MQ term is not; the summed advantage 0.5 * 2 + 1 * (-3) = -2 < 0
+    would keep the whole ratio unclipped instead."""
+    eps, r = 0.1, 1.5
+    log_prob, old = torch.tensor([math.log(r)], requires_grad=True), torch.zeros(1)
+    adv, weights = torch.tensor([[2.0], [-3.0]]), [0.5, 1.0]  # [K=2, M=1]
+    loss = grpo.clipped_loss(log_prob, old, adv, eps, weights)
+    by_hand = 0.5 * max(-2.0 * r, -2.0 * (1 + eps)) + 1.0 * max(3.0 * r, 3.0 * (1 + eps))  # -2.2 + 4.5
+    assert loss.item() == pytest.approx(by_hand)
+    summed = grpo.clipped_loss(log_prob, old, (0.5 * adv[0] + adv[1]), eps)
+    assert summed.item() == pytest.approx(-(-2.0) * r) and summed.item() != pytest.approx(by_hand)
+    loss.backward()  # d/dlogp: the clipped VQ term gives 0, the MQ term 3 r
+    assert log_prob.grad.item() == pytest.approx(3.0 * r)
+    one = grpo.clipped_loss(log_prob.detach(), old, adv[0], eps)  # one reward: the [M] and [1, M] forms agree
+    assert one.item() == grpo.clipped_loss(log_prob.detach(), old, adv[:1], eps, [1.0]).item()
+
+
 def test_clipped_loss_gradient_is_minus_advantage_at_ratio_one():
     log_prob = torch.zeros(4, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
@@ -94,7 +114,7 @@ def test_gaussian_kl_matches_torch_distributions():
     (lambda: grpo.group_advantages(torch.zeros(6), group_size=4), "multiple of group_size"),
     (lambda: grpo.group_advantages(torch.zeros(6), group_size=1), "group_size must be >= 2"),
     (lambda: grpo.group_advantages(torch.zeros(2, 3), group_size=3), "1-D"),
-    (lambda: grpo.clipped_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), 0.1), "one shape"),
+    (lambda: grpo.clipped_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), 0.1), "must agree"),
     (lambda: grpo.clipped_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.0), "clip_range"),
     (lambda: grpo.select_timesteps(16, 0.0, 2), "fraction"),
     (lambda: grpo.select_timesteps(16, 1.5, 2), "fraction"),

@@ -331,3 +331,17 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
                       "--checkpoint_every", "1", "--keep_checkpoints", "2"])
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_ema_moves_once_per_iteration_as_the_official_flux_script(tmp_path):
+    """Two AdamW steps in one iteration (4 samples, --grad_accum 2): the EMA moves once, after both,
+    ema = d w0 + (1 - d) w2 (train_grpo_flux.py calls ema_handler.update after train_one_step)."""
+    base = ["--model", "tiny-flux", *FAST, "--iterations", "1", "--grad_accum", "2", "--ema_decay", "0.5"]
+    train_image.main([*base, "--output_dir", str(tmp_path)])
+    args = train_image.parse_args([*base, "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-000001"
+    ema, trained = checkpoint.read_network(ckpt, args, suffix="_ema"), checkpoint.read_network(ckpt, args)
+    initial = models.trained_module(models.load_pipeline("tiny-flux")).state_dict()
+    assert any(not torch.equal(trained[k], initial[k]) for k in ema)
+    for k in ema:
+        torch.testing.assert_close(ema[k], 0.5 * initial[k] + 0.5 * trained[k], rtol=1e-6, atol=1e-7)

@@ -383,40 +383,80 @@ def decode(pipe, latents, height, width):
 # Defaults
 # ----------------------------------------------------------------------------------------------------------------
 
-# Read off the official DanceGRPO scripts (see the README's table). grad_accum: samples per optimizer step on
-# each rank; micro_batch: (sample, timestep) pairs per forward/backward (the official code uses 1); keep:
-# best-of-N survivors per group; size_multiple: VAE downsampling x patch size; ema_decay 0 = no EMA.
+# Read off the official DanceGRPO launch scripts (XueZeyue/DanceGRPO at 15cc71d; the README's table maps each
+# script to the command here). prompts_per_rank: prompts a rank rolls out per iteration (--train_batch_size);
+# grad_accum: samples per optimizer step on each rank (--gradient_accumulation_steps, batch 1 per step);
+# micro_batch: (sample, timestep) pairs per forward/backward (the official code uses 1); keep: best-of-N survivors
+# per group; size_multiple: VAE downsampling x patch size; ema_decay 0 = no EMA; keep_checkpoints 0 = all.
 _DEFAULTS = {
+    # scripts/finetune/finetune_flux_grpo_8gpus.sh: --train_batch_size 2 (l.26), --gradient_accumulation_steps 12
+    # (l.31), --max_train_steps 300 (l.32), --learning_rate 1e-5 (l.33), --checkpointing_steps 40 (l.35), --h/--w 720
+    # (l.39-40), --sampling_steps 16 (l.42), --eta 0.3 (l.43), --max_grad_norm 0.01 (l.46), --weight_decay 1e-4
+    # (l.47), --num_generations 12 (l.49), --shift 3 (l.50), --timestep_fraction 0.6 (l.53), --clip_range 1e-4,
+    # --adv_clip_max 5.0 (l.54-55), --use_ema --ema_decay 0.995 (l.56-57); guidance 3.5 (train_grpo_flux.py l.239)
     "flux": dict(num_steps=16, shift=3.0, eta=0.3, guidance_scale=3.5, height=720, width=720, size_multiple=16,
-                 group_size=12, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=4, micro_batch=4,
-                 ema_decay=0.0, reward="hps"),
+                 group_size=12, prompts_per_rank=2, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=12,
+                 micro_batch=4, max_grad_norm=0.01, ema_decay=0.995, checkpoint_every=40, keep_checkpoints=2,
+                 reward="hps"),
+    # fastvideo/config_sd/dgx.py hpsv2() over compressibility() and base.py: num_epochs 300 (l.40), save_freq 50
+    # (l.14), sample.batch_size 4 prompts (l.47) x num_generations 16 (l.53) = 64 samples a rank, train.batch_size 4
+    # x gradient_accumulation_steps 8 (l.44, l.50) = 32 samples per optimizer step; base.py: 50 steps, eta 1.0,
+    # CFG 5.0 (l.45-50), lr 1e-5 (l.64), max_grad_norm 1.0 (l.77), adv_clip_max 5, clip_range 1e-4,
+    # timestep_fraction 1.0 (l.85-90)
     "sd14": dict(num_steps=50, shift=None, eta=1.0, guidance_scale=5.0, height=512, width=512, size_multiple=8,
-                 group_size=16, timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=8, micro_batch=8,
-                 ema_decay=0.0, reward="hps"),
-    # official HunyuanVideo GRPO feeds guidance=6018.0 to the transformer (= 6.018 x 1000); it parses
-    # --ema_decay 0.999 but never applies it, so EMA is off here too (--ema_decay 0.999 turns it on)
+                 group_size=16, prompts_per_rank=4, timestep_fraction=1.0, lr=1e-5, iterations=300, grad_accum=32,
+                 micro_batch=8, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=50, keep_checkpoints=2,
+                 reward="hps"),
+    # scripts/finetune/finetune_hunyuan_grpo.sh: --train_batch_size 1 (l.26), --gradient_accumulation_steps 4 (l.30),
+    # --max_train_steps 202 (l.31), --checkpointing_steps 50 (l.34), --checkpoints_total_limit 3 (l.37),
+    # --h/--w 480 --t 53 (l.45-47), --sampling_steps 16 --eta 0.25 (l.48-49), --max_grad_norm 1.0 (l.53),
+    # --num_generations 24 (l.55), --shift 5 (l.56), --timestep_fraction 0.6 (l.59), --bestofn 8 (l.61),
+    # --vq_coef 1.0 --mq_coef 0.0 (l.62-63); guidance 6018 = 6.018 x 1000 (train_grpo_hunyuan.py). It parses
+    # --ema_decay 0.999 (l.41) but never applies it, so EMA is off here too (--ema_decay 0.999 turns it on).
     "hunyuan": dict(num_steps=16, shift=5.0, eta=0.25, guidance_scale=6.018, height=480, width=480, num_frames=53,
-                    size_multiple=16, group_size=24, keep=8, timestep_fraction=0.6, lr=1e-5, iterations=202,
-                    grad_accum=4, micro_batch=1, rollout_batch=8, ema_decay=0.0, reward="videoalign_vq"),
+                    size_multiple=16, group_size=24, keep=8, prompts_per_rank=1, timestep_fraction=0.6, lr=1e-5,
+                    iterations=202, grad_accum=4, micro_batch=1, rollout_batch=8, max_grad_norm=1.0, ema_decay=0.0,
+                    checkpoint_every=50, keep_checkpoints=3, reward="videoalign_vq"),
+    # scripts/finetune/finetune_skyreels_i2v.sh: --train_batch_size 1 (l.26), --gradient_accumulation_steps 8 (l.30),
+    # --max_train_steps 121 (l.31), --checkpointing_steps 40 (l.34), --checkpoints_total_limit 3 (l.36),
+    # --h 400 --w 640 --t 53 (l.41-43), --sampling_steps 16 --eta 0.3 (l.44-45), --max_grad_norm 1.0 (l.49),
+    # --num_generations 8 (l.51), --cfg_infer 5.0 (l.52), --shift 7 (l.53), --timestep_fraction 0.6 (l.55)
     "skyreels": dict(num_steps=16, shift=7.0, eta=0.3, guidance_scale=5.0, height=400, width=640, num_frames=53,
-                     size_multiple=16, group_size=8, keep=None, timestep_fraction=0.6, lr=1e-5, iterations=121,
-                     grad_accum=8, micro_batch=1, ema_decay=0.0, reward="videoalign_mq"),
+                     size_multiple=16, group_size=8, keep=None, prompts_per_rank=1, timestep_fraction=0.6, lr=1e-5,
+                     iterations=121, grad_accum=8, micro_batch=1, max_grad_norm=1.0, ema_decay=0.0,
+                     checkpoint_every=40, keep_checkpoints=3, reward="videoalign_mq"),
+}
+# LoRA (--lora_rank > 0) on a real model. FLUX: scripts/finetune/finetune_flux_grpo_8gpus_lora.sh, the 8-GPU script's
+# settings but --max_train_steps 301 (l.32), --learning_rate 3e-4 (l.33), --checkpointing_steps 60 (l.35),
+# --sampling_steps 12 (l.42), --max_grad_norm 1.0 (l.46), no EMA, --lora_alpha 256 --lora_rank 128 (l.57-58).
+# The other models have no official LoRA script: lr 3e-4 (DDPO's LoRA rate), alpha = 2 x rank.
+_LORA_DEFAULTS = {
+    "flux": dict(num_steps=12, lr=3e-4, max_grad_norm=1.0, ema_decay=0.0, iterations=301, checkpoint_every=60,
+                 lora_alpha=256.0),
 }
 # Tiny presets: the same sampler settings, small sizes, and enough samples per update (one update per
-# iteration) for a CPU demo to learn visibly in a few minutes.
+# iteration) for a CPU demo to learn visibly in a few minutes. With LoRA they take a larger rate.
 _TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_per_rank=4, lr=3e-3, iterations=40,
-                      grad_accum=32, micro_batch=32, reward="brightness")
+                      grad_accum=32, micro_batch=32, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=None,
+                      keep_checkpoints=2, reward="brightness")
+_TINY_LORA_LR = 3e-2
 
 
-def model_defaults(model):
-    """Paper defaults for a real name; small CPU-friendly values (same sampler settings) for a tiny preset."""
+def model_defaults(model, lora=False):
+    """Official defaults for a real name (with its LoRA script's where `lora`); small CPU-friendly values (same
+    sampler settings) for a tiny preset. checkpoint_every None: at the end only."""
     family = FAMILY[model]
     real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels"}[family]
-    d = dict(_DEFAULTS[real], prompts_per_rank=1)
+    d = dict(_DEFAULTS[real])
+    if lora:
+        d.update({"lr": 3e-4, **_LORA_DEFAULTS.get(real, {})})
     if model in TINY:  # tiny VAEs downsample 2x (FLUX) or 4x; SD's tiny UNet halves once more
-        d.update(_TINY_DEFAULTS, ema_decay=0.0, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8}[family])
+        d.update(_TINY_DEFAULTS, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8}[family])
+        d.pop("lora_alpha", None)
         if family in ("hunyuan", "skyreels"):
             d.update(num_frames=9, keep=4 if family == "hunyuan" else None)
         if family == "skyreels":  # CFG 5 magnifies a weight change in the guided velocity: 3e-3 overshoots
             d.update(lr=5e-4)
+        if lora:
+            d.update(lr=_TINY_LORA_LR if family != "skyreels" else _TINY_LORA_LR / 6)
     return d

@@ -27,7 +27,7 @@ A reward model that errors raises; a non-finite score raises FloatingPointError.
 deviation: preprocessing runs in torch on the device (bicubic with antialias on the 8-bit-rounded
 input) instead of PIL images and mp4 files written to disk; the numbers differ by resampling and
 video-codec noise only. Models run in float32 (VideoAlign: bfloat16 on GPU) with LoRA merged into
-the weights. Image rewards score a video as the mean over its frames (an extension).
+the weights, outside the training autocast (the official FLUX script runs HPS under fp16 autocast). Image rewards score a video as the mean over its frames (an extension).
 """
 
 import functools
@@ -141,7 +141,8 @@ def _load_clip(path, tokenizer_path, device):
     from transformers import CLIPModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        return CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval(), tokenizer, "shortest"
+        model = CLIPModel.from_pretrained(path, local_files_only=True)  # float32 whatever the folder stores
+        return model.float().to(device).eval(), tokenizer, "shortest"
     cfg_file = os.path.join(os.path.dirname(path) if os.path.isfile(path) else path, "open_clip_config.json")
     cfg = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {"model_cfg": VIT_H_14}
     if os.path.isdir(path):
@@ -162,6 +163,8 @@ def clip_pixels(x, size, mode):
     shortest: short side to `size`, center crop (CLIPImageProcessor, open_clip default);
     longest: long side to `size`, zero-pad to a square (open_clip ResizeMaxSize, HPS-v2's eval);
     squash: resize both sides to `size` (DFN5B's open_clip preprocess_cfg).
+    HPS-v2's eval transform turns the image into a float tensor before ResizeMaxSize, so its bicubic
+    overshoot is kept; the others resize 8-bit images (PIL), which clamps to [0, 1].
     """
     x = _u8(x)
     h, w = x.shape[-2:]
@@ -172,7 +175,8 @@ def clip_pixels(x, size, mode):
     else:
         new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if new != (h, w):
-        x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
+        x = x if mode == "longest" else x.clamp(0, 1)
     if mode == "longest":  # pad with black, the left/top half rounded down
         ph, pw = size - new[0], size - new[1]
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
@@ -352,6 +356,29 @@ def videoalign_state_dict(state_dict, lora_scale):
     return out
 
 
+def _videoalign_checkpoint(ckpt, base):
+    """A VideoReward checkpoint as one state dict in model.pth's names. Either model.pth (the released
+    model, save_full_model) or what VideoAlign's trainer writes by default: adapter_model.safetensors
+    (the LoRA) and non_lora_state_dict.pth (the other trained weights, the reward head among them) over
+    the base Qwen2-VL weights in `base`. Read with weights_only=True: no pickled code runs."""
+    full = os.path.join(ckpt, "model.pth")
+    if os.path.exists(full):
+        return torch.load(full, map_location="cpu", mmap=True, weights_only=True)
+    adapter, non_lora = (os.path.join(ckpt, f) for f in ("adapter_model.safetensors", "non_lora_state_dict.pth"))
+    if not (os.path.exists(adapter) and os.path.exists(non_lora)):
+        raise FileNotFoundError(f"{ckpt} holds neither model.pth nor adapter_model.safetensors + "
+                                f"non_lora_state_dict.pth (VideoAlign's two checkpoint layouts)")
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(base, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} is a LoRA checkpoint: it needs the base Qwen2-VL weights (*.safetensors) "
+                                f"in DANCEGRPO_QWEN2VL_PATH={base}")
+    state = {"base_model.model." + k: v for f in files for k, v in load_file(f).items()}  # as PeftModel names them
+    state.update(load_file(adapter))  # base_model.model.model.layers.N....lora_A.weight
+    state.update(torch.load(non_lora, map_location="cpu", weights_only=True))
+    return state
+
+
 @functools.lru_cache(maxsize=None)
 def _load_videoalign(root, base, device, dtype):
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
@@ -359,11 +386,11 @@ def _load_videoalign(root, base, device, dtype):
     if cfg["data_config"]["prompt_template_type"] != "detailed_special" or cfg["model_config"]["reward_token"] != "special":
         raise NotImplementedError("only the released VideoReward setup (detailed_special prompt, special reward tokens)")
     ckpt = max(glob.glob(os.path.join(root, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]), default=None)
-    if ckpt is None or not os.path.exists(os.path.join(ckpt, "model.pth")):
-        raise FileNotFoundError(f"no checkpoint-*/model.pth under {root} (the released VideoReward layout)")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint-* folder under {root} (the VideoReward layout)")
     lora = cfg["peft_lora_config"]
     scale = lora["lora_alpha"] / (math.sqrt(lora["lora_r"]) if lora.get("use_rslora") else lora["lora_r"])
-    state = videoalign_state_dict(torch.load(os.path.join(ckpt, "model.pth"), map_location="cpu", mmap=True), scale)
+    state = videoalign_state_dict(_videoalign_checkpoint(ckpt, base), scale)
     head = state.pop("rm_head.weight").to(device, torch.float32)  # [output_dim, hidden]
     tok_dir = os.path.join(ckpt, "tokenizer")
     tok = AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else base, local_files_only=True)
@@ -491,10 +518,15 @@ def parse_reward_spec(spec: str) -> list[RewardSpec]:
     return specs
 
 
-def build_scorers(specs, device):
+def build_scorers(specs, device, video_fps=None):
     """One scorer per spec, thresholded to 0/1 where the spec has a threshold; a model used by
-    several specs (e.g. 'hps:1,hps@0.28:0.5') is built once."""
-    base = {name: REWARDS[name](device) for name in dict.fromkeys(s.name for s in specs)}
+    several specs (e.g. 'hps:1,hps@0.28:0.5') is built once. video_fps: the frame rate the videos
+    play at (train_video's --fps); VideoAlign samples its frames by it, as the official scripts,
+    which save each video at --fps and let VideoAlign read it back."""
+    def build(name):
+        fps = {"fps": float(video_fps)} if video_fps and name.startswith("videoalign") else {}
+        return REWARDS[name](device, **fps)
+    base = {name: build(name) for name in dict.fromkeys(s.name for s in specs)}
 
     def binary(fn, threshold):
         return lambda x, prompts: (fn(x, prompts) > threshold).float()

@@ -59,8 +59,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--adv_clip", type=float, default=5.0)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--grad_accum", type=int, help="samples per optimizer step on each rank (official: 4 FLUX, 8 SD)")
+    p.add_argument("--max_grad_norm", type=float, help="gradient-norm clip (official: 0.01 FLUX, 1.0 the others)")
+    p.add_argument("--grad_accum", type=int, help="samples per optimizer step on each rank (official: 12 FLUX, 32 SD)")
     p.add_argument("--micro_batch", type=int, help="(sample, timestep) pairs per forward/backward")
     p.add_argument("--rollout_batch", type=int, help="samples per network call in the rollout (default: all)")
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
@@ -68,14 +68,16 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="samples of one group share their initial noise")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tune, else LoRA rank (peft)")
-    p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_rank")
+    p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: 20; tiny: at the end)")
-    p.add_argument("--keep_checkpoints", type=int, default=2, help="newest checkpoints kept on disk (0 = all)")
+    p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
+                                                        "tiny: at the end)")
+    p.add_argument("--keep_checkpoints", type=int, help="newest checkpoints kept on disk (0 = all; default 2, video 3)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
+    p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
     return p
 
 
@@ -83,20 +85,23 @@ def parse_args(argv=None, parser=None):
     """Parse, fill the model's defaults, check. parser: build_parser(...) with more flags (train_video.py)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    if args.lr is None and args.lora_rank and not args.model.startswith("tiny"):
-        args.lr = 3e-4  # the official FLUX LoRA script
-    for key, value in models.model_defaults(args.model).items():  # paper defaults fill what was not given
-        if getattr(args, key, None) is None:
+    for key, value in models.model_defaults(args.model, lora=args.lora_rank > 0).items():  # official defaults fill
+        if getattr(args, key, None) is None:                                                # what was not given
             setattr(args, key, value)
     if args.resolution:
         args.height = args.width = args.resolution
+    args.resolution = args.height if args.height == args.width else None
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     args.output_dir = Path(args.output_dir or f"runs/{args.model}")
-    args.checkpoint_every = args.checkpoint_every or (args.iterations if args.model.startswith("tiny") else 20)
+    args.checkpoint_every = args.checkpoint_every or args.iterations
     args.sample_every = args.sample_every or max(1, args.iterations // 4)
     problem = check_args(args)
     if problem:
         parser.error(problem)
+    if args.print_config:  # the run's settings under the CLI's names, checked before any GPU is spent
+        names = [a.dest for a in parser._actions if a.dest not in ("help", "print_config")]
+        print(json.dumps({n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}))
+        raise SystemExit(0)
     return args
 
 
@@ -171,29 +176,27 @@ def setup_distributed():
 def prepare_policy(pipe, args, device):
     """The trained network: LoRA adapters or all weights, sharded with FSDP2 across ranks.
 
-    On CUDA: bf16 compute with fp32 master weights, activation checkpointing. Frozen parts
-    (text encoders, VAE) run in bf16 there.
+    On CUDA: the network's weights (LoRA: the frozen base too, as train_grpo_flux_lora.py) stay fp32
+    and compute runs in bf16 (autocast; under FSDP2 the gathered weights are bf16), activation
+    checkpointing. Frozen parts (text encoders, VAE) are stored in bf16 there.
     """
     net, cuda = models.trained_module(pipe), device.type == "cuda"
-    if cuda:  # frozen weights in bf16: text encoders, VAE, and the base network under LoRA
+    if cuda:
         for part in pipe.components.values():
-            if isinstance(part, torch.nn.Module) and (part is not net or args.lora_rank):
+            if isinstance(part, torch.nn.Module) and part is not net:
                 part.to(torch.bfloat16)
         net.enable_gradient_checkpointing()
     net.requires_grad_(args.lora_rank == 0)
-    if args.lora_rank:  # adapters on the attention projections, trained in fp32
+    if args.lora_rank:  # adapters on the attention projections, peft's default init (B = 0) as the official script
         from peft import LoraConfig
         with torch.random.fork_rng(devices=[]):  # the same adapters on every rank and every run
             torch.manual_seed(args.seed)
-            net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+            net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        for p in net.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
     pipe.to(device)
     if dist.is_initialized():
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+        from torch.distributed.fsdp import fully_shard
+        mp = mixed_precision(torch.bfloat16 if cuda else None)
         for module in reversed(list(net.modules())):  # each transformer block its own FSDP unit, inner first
             if type(module).__name__ in net._no_split_modules:
                 fully_shard(module, mp_policy=mp)
@@ -203,9 +206,19 @@ def prepare_policy(pipe, args, device):
     return net, params, optimizer
 
 
+def mixed_precision(dtype=None):
+    """FSDP2's policy: weights gathered in `dtype` (None: as stored), gradients reduced in fp32. The
+    network's inputs are not cast (cast_forward_inputs=False): the timestep and guidance reach it in
+    fp32, as in one process; autocast casts the matmuls instead. (With the default policy FSDP2 would
+    round them to bf16 first: HunyuanVideo's timestep 947.3 would arrive as 948.)"""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None,
+                                cast_forward_inputs=False)
+
+
 def autocast(device):
-    """bf16 compute on CUDA (FSDP2 casts by itself; a single process uses autocast), fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and not dist.is_initialized())
+    """bf16 compute on CUDA, one process and torchrun alike; fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
 def progress(total, desc):
@@ -324,13 +337,16 @@ def score(scorers, x, prompts) -> torch.Tensor:
 
 
 def decode_and_score(pipe, final, prompts, scorers, args) -> torch.Tensor:
-    """Decode the final latents to images or videos in [0, 1] and score them in memory,
-    `micro_batch` samples at a time. Returns [K, N]."""
+    """Decode the final latents to images or videos in [0, 1] (bf16 on CUDA) and score them in memory,
+    `micro_batch` samples at a time. Returns [K, N]. The reward models run outside the training
+    autocast, in their own precision (rewards.py: float32; VideoAlign bf16 on CUDA), the same on one
+    GPU and under torchrun."""
     scores = []
-    with torch.no_grad(), autocast(final.device):
+    with torch.no_grad():
         for i in range(0, len(final), args.micro_batch):
-            x = models.decode(pipe, final[i:i + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
-            scores.append(score(scorers, x, prompts[i:i + args.micro_batch]))
+            with autocast(final.device):
+                x = models.decode(pipe, final[i:i + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
+            scores.append(score(scorers, x.float(), prompts[i:i + args.micro_batch]))
     return torch.cat(scores, dim=1)
 
 

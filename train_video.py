@@ -49,7 +49,8 @@ def parse_args(argv=None):
                                                "(default: generated from the prompt by FLUX)")
     parser.add_argument("--reference_model_path", help="SkyReels: FLUX.1-dev weights that generate the first frames")
     parser.add_argument("--video_format", choices=("gif", "mp4"), default="gif", help="mp4 needs imageio-ffmpeg")
-    parser.add_argument("--fps", type=int, default=8, help="frame rate of the saved samples")
+    parser.add_argument("--fps", type=int, default=8, help="frame rate of the videos: VideoAlign samples frames by it "
+                                                           "and the saved samples play at it (official: 8)")
     args = ti.parse_args(argv, parser=parser)
     args.keep = args.keep or args.group_size
     problem = None
@@ -122,7 +123,7 @@ def main(argv=None):
     # 1. setup: pipeline, rewards, policy (FSDP2), first-frame source (SkyReels), resume
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device)
+        scorers = rewards.build_scorers(specs, device, video_fps=args.fps)
         source = first_frame_source(args, prompts, pipe, device) if i2v else None
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")

@@ -9,6 +9,7 @@ with transformers' Qwen2-VL image processor.
 import json
 import math
 import os
+import shutil
 import time
 
 import pytest
@@ -162,6 +163,18 @@ def test_clip_pixels_resize_modes():
     shortest = rewards.clip_pixels(ramp, 16, "shortest")  # no resize, the middle 16 columns
     torch.testing.assert_close(shortest, rewards.clip_pixels(ramp[..., 8:24], 16, "squash"))
     assert rewards.clip_pixels(x, 8, "squash").shape == (1, 3, 8, 8)
+
+
+def test_hps_keeps_the_bicubic_overshoot_the_8_bit_scorers_clamp():
+    """HPS-v2's eval transform is ToTensor() then ResizeMaxSize (a float resize, no clamp); CLIP/PickScore
+    resize 8-bit images, which clamps. A black/white edge shrunk 4x overshoots [0, 1] under bicubic."""
+    edge = torch.zeros(1, 3, 32, 32)
+    edge[..., 16:] = 1.0
+    mean, std = torch.tensor(rewards.CLIP_MEAN)[:, None, None], torch.tensor(rewards.CLIP_STD)[:, None, None]
+    hps = rewards.clip_pixels(edge, 8, "longest") * std + mean  # back to [0, 1] units
+    squash = rewards.clip_pixels(edge, 8, "squash") * std + mean
+    assert hps.max() > 1 + 1e-3 and hps.min() < -1e-3
+    assert squash.max() <= 1 + 1e-6 and squash.min() >= -1e-6
 
 
 # ---------------------------------------------------------------- offline rewards
@@ -391,3 +404,42 @@ def test_videoalign_prompt_is_the_official_text():
     p = rewards.VIDEOALIGN_PROMPT  # trailing spaces are part of the model input
     assert "**Visual Quality:**  \n" in p and "lowest possible. \n" in p and "acceptable.  \n" in p
     assert p.startswith("\nYou are tasked") and p.endswith("<|TA_reward|>\nEND\n") and len(p) == 3997
+
+
+def test_videoalign_loads_the_trainers_default_adapter_layout(videoalign_dirs, tmp_path):
+    """What VideoAlign's trainer writes without save_full_model: adapter_model.safetensors (LoRA, no adapter
+    name) + non_lora_state_dict.pth (reward head) over the base Qwen2-VL weights. Same scores as model.pth."""
+    from safetensors.torch import save_file
+    base, root, _, _, state, _, cfg = videoalign_dirs
+    lora = {k.replace(".default", ""): v for k, v in state.items() if ".lora_" in k}
+    non_lora = {k: v for k, v in state.items() if k.endswith("rm_head.weight")}
+    base_weights = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in state.items()
+                    if ".lora_" not in k and k not in non_lora}
+    with_weights, adapter_root = tmp_path / "qwen2vl", tmp_path / "videoreward"
+    shutil.copytree(base, with_weights)
+    save_file({k: v.contiguous() for k, v in base_weights.items()}, with_weights / "model.safetensors")
+    (adapter_root / "checkpoint-3").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, adapter_root / "checkpoint-3" / "adapter_model.safetensors")
+    torch.save(non_lora, adapter_root / "checkpoint-3" / "non_lora_state_dict.pth")
+    (adapter_root / "model_config.json").write_text(json.dumps(cfg))
+    videos = torch.rand(2, 6, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    prompts = ["a dog runs on the beach", "snow falls"]
+    full = rewards.REWARDS["videoalign_mq"]("cpu", path=root, base=base)(videos, prompts)
+    adapter = rewards.REWARDS["videoalign_mq"]("cpu", path=str(adapter_root), base=str(with_weights))(videos, prompts)
+    torch.testing.assert_close(adapter, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="base Qwen2-VL weights"):  # the config-only base folder
+        rewards.REWARDS["videoalign_mq"]("cpu", path=str(adapter_root), base=base)(videos, prompts)
+
+
+def test_videoalign_samples_frames_by_the_videos_fps(videoalign_dirs, monkeypatch):
+    """The official scripts save each video at --fps and VideoAlign resamples it to 2 frames a second: the
+    frame rate the train script passes changes which frames are scored."""
+    base, root, *_ = videoalign_dirs
+    videos = torch.rand(1, 17, 3, 40, 56, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("DANCEGRPO_VIDEOALIGN_PATH", root)
+    monkeypatch.setenv("DANCEGRPO_QWEN2VL_PATH", base)
+    spec = rewards.parse_reward_spec("videoalign_vq")
+    at = {fps: rewards.build_scorers(spec, "cpu", video_fps=fps)[0](videos, ["waves"]) for fps in (8, 2)}
+    direct = rewards.REWARDS["videoalign_vq"]("cpu", path=root, base=base, fps=2.0)
+    torch.testing.assert_close(at[2], direct(videos, ["waves"]))
+    assert not torch.allclose(at[8], at[2])

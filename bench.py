@@ -342,7 +342,8 @@ def time_to_reward(ours, rest) -> dict:
     paper = figures["paper"]["median_wall_s"]
     print(f"\ntime to +{ours.target_gain} reward (3-iteration moving average), {ours.seeds} seeds, tiny-flux, "
           f"{torch.get_num_threads()} thread(s); medians")
-    print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} {'speedup':>8}")
+    print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
+          f"{'speedup':>8}")
     for name, f in figures.items():
         print(f"{name:10} {f['flags'] or '(paper)':40} {f['median_wall_s']:8.1f} {f['median_iterations']:6.1f} "
               f"{f['median_forwards']:9.0f} {f['median_backwards']:9.0f} {f['reached_seeds']:>4}/{ours.seeds:<3} "

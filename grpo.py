@@ -110,9 +110,10 @@ def select_timesteps(num_steps: int, fraction: float, num_samples: int, generato
     return torch.stack(perms)
 
 
-def sde_window(iteration: int, num_steps: int, size: int, shift_every: int, stride: int = 1) -> range:
+def sde_window(iteration: int, num_steps: int, size: int, shift_every: int, stride: int = 1) -> range | None:
     """MixGRPO's sliding window (Li et al. 2025, arXiv 2507.21802, "sliding window"): the `size`
-    consecutive steps that are SDE steps and trained in an iteration. It starts at step 0 (highest
+    consecutive steps that are SDE steps and trained in an iteration (size 0: None, no window, every
+    step an SDE step: the paper's setting). It starts at step 0 (highest
     noise) and moves `stride` steps toward low noise every `shift_every` iterations (0: never moves);
     past the last position it starts again at 0 (the official scripts pass --roll_back).
     MixGRPO's defaults on 25 steps: size 4, shift_every 25, stride 1 (MixGRPO scripts/finetune/
@@ -124,6 +125,8 @@ def sde_window(iteration: int, num_steps: int, size: int, shift_every: int, stri
     position, fastvideo/utils/grpo_states.py lines 95-99, 148, and train_grpo_flux.py line 919); here it
     stays whole and starts again.
     """
+    if size == 0:
+        return None
     if not 1 <= size <= num_steps or shift_every < 0 or stride < 0:
         raise ValueError(f"need 1 <= size <= num_steps ({num_steps}), shift_every >= 0, stride >= 0; "
                          f"got {size}, {shift_every}, {stride}")

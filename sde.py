@@ -11,6 +11,7 @@ clipped GRPO objective (grpo.py) compares before and after an update.
   rollout         a whole batched trajectory, keeping every latent and log-prob; an eta per step
                   mixes SDE and ODE steps (MixGRPO's sliding window, arXiv 2507.21802)
   window_etas     eta inside a window of steps, 0 (an ODE step) outside it                 MixGRPO
+  window_plan     the schedule and etas of a windowed rollout
   flash_sigmas    the flow schedule with the steps after the window done in fewer ODE steps  MixGRPO-Flash
 
 Every function depends on torch and math only and may be copied on its own.
@@ -204,6 +205,15 @@ def window_etas(num_steps: int, eta: float, window) -> list[float]:
     of step indices) are SDE steps with noise scale eta, the others ODE steps (eta 0). Only the
     window's steps are random, so only they are policy steps with a log-prob to train."""
     return [eta if i in window else 0.0 for i in range(num_steps)]
+
+
+def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=0):
+    """What a MixGRPO rollout runs: (schedule, model_t, etas). etas: window_etas; with tail_steps (flow
+    only, `shift` its time shift) the schedule after the window is flash_sigmas' and model_t = sigmas[:-1]."""
+    if tail_steps:
+        schedule = flash_sigmas(len(schedule) - 1, shift, window.stop, tail_steps)
+        model_t = schedule[:-1]  # the flow network's timestep is sigma
+    return schedule, model_t, window_etas(len(model_t), eta, window)
 
 
 def flash_sigmas(num_steps: int, shift: float, window_end: int, tail_steps: int) -> torch.Tensor:

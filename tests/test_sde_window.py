@@ -41,7 +41,8 @@ def test_a_scalar_eta_and_the_same_eta_per_step_give_the_same_rollout():
     T, sigmas = 5, sde.flow_sigmas(5, 3.0)
     noise = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
     a = sde.rollout(velocity, noise, sigmas, 0.3, generator=torch.Generator().manual_seed(1))
-    b = sde.rollout(velocity, noise, sigmas, sde.window_etas(T, 0.3, range(T)), generator=torch.Generator().manual_seed(1))
+    b = sde.rollout(velocity, noise, sigmas, sde.window_etas(T, 0.3, range(T)),
+                    generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="one per step"):
         sde.rollout(velocity, noise, sigmas, [0.3] * (T - 1))
@@ -54,7 +55,8 @@ def test_window_starts_at_high_noise_slides_every_shift_iterations_and_starts_ag
     assert [grpo.sde_window(it, 25, 4, 25).start for it in (0, 24, 25, 50, 525)] == [0, 0, 1, 2, 0]  # MixGRPO's
     assert grpo.sde_window(99, 6, 2, 0) == range(0, 2)  # shift 0: fixed at the high-noise end
     assert grpo.sde_window(7, 6, 6, 1) == range(0, 6)  # a window of all steps
-    for bad in ((0, 6, 0, 1), (0, 6, 7, 1), (0, 6, 2, -1)):
+    assert grpo.sde_window(3, 6, 0, 1) is None  # size 0: no window, the paper's setting
+    for bad in ((0, 6, 7, 1), (0, 6, 2, -1)):
         with pytest.raises(ValueError):
             grpo.sde_window(*bad)
 
@@ -84,8 +86,8 @@ def batch_for(args, pipe, iteration=1):
     latents, log_probs, final = train_image.rollout_groups(pipe, cond, [0, 1], (64, 64), schedule, model_t, kind,
                                                            args, iteration)
     steps = train_image.timesteps_for([0, 1], args, iteration)
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    return dict(latents=latents, log_probs=log_probs, advantages=advantages, steps=steps, cond=cond,
+    advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5]])  # [K = 1 reward, N]
+    return dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[1.0], steps=steps, cond=cond,
                 schedule=schedule, model_t=model_t, kind=kind, extra=None), final
 
 
@@ -136,10 +138,10 @@ def test_window_and_flash_train_with_ratio_one_in_the_image_and_video_loops(tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sde_window", "9"], "--sde_window must be in"),
-    (["--sde_window", "2", "--sde_window_shift", "-1"], "--sde_window_shift"),
-    (["--ode_steps_after", "2"], "needs --sde_window"),
-    (["--model", "tiny-sd", "--sde_window", "2", "--ode_steps_after", "2"], "flow model"),
+    (["--sde_window", "9"], "--sde_window in [0, 8]"),
+    (["--sde_window", "2", "--sde_window_shift", "-1"], "--sde_window_shift >= 0"),
+    (["--ode_steps_after", "2"], "--ode_steps_after needs it"),
+    (["--model", "tiny-sd", "--sde_window", "2", "--ode_steps_after", "2"], "a flow model"),
 ])
 def test_bad_window_arguments_are_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):

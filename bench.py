@@ -30,11 +30,24 @@ Both structures are credited with the same work, N x T forwards for the rollout:
 once per group (its G samples share noise, prompt and timestep), so its rollout figure is effective
 throughput, about T / (T - 1 + 1/G) above the FLOPs it really executes.
 The last line printed is one JSON object (speedup, same_gradient, samples/s of each structure, device, ...).
+
+  python bench.py --time_to_reward               # tiny FLUX, brightness: the paper's setting against MixGRPO's
+                                                 # sliding SDE window and MixGRPO-Flash, 5 seeds each (issue 14)
+
+--time_to_reward trains each setting with train_image.main, seed after seed (settings interleaved, the same
+threads), until the 3-iteration moving average of reward_mean first exceeds iteration 0's reward_mean (the
+untrained policy's) by --target_gain, or --max_iterations. Counted up to and including that iteration: wall
+seconds (the iterations' own time_s: rollout, reward, update; not setup, logging or sample grids), network
+forwards and backwards (one per sample row through models.predict; a training forward gets one backward). Its
+JSON line holds time_to_reward_speedup (paper median wall seconds / the window's), the same for each variant,
+reached_<setting> (every seed reached the target) and each setting's medians and runs.
 """
 
 import argparse
 import copy
 import json
+import shlex
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -268,6 +281,83 @@ def report(times, checks, flops, peak, label):
                 official_samples_per_s=n / totals[1])
 
 
+# ----------------------------------------------------------------------------- time to reward (issue 14)
+
+VARIANTS = "window=--sde_window 2; flash=--sde_window 2 --ode_steps_after 3"
+
+
+class _Reached(Exception):
+    pass
+
+
+def train_until(flags, target_gain, folder) -> dict:
+    """Run train_image.main(flags) until the 3-iteration moving average of reward_mean first exceeds iteration
+    0's by target_gain; count network rows through models.predict. Returns the run's figures at that iteration
+    (or at the last one, reached False)."""
+    counts, rows, predict, log = {"forwards": 0, "backwards": 0}, [], models.predict, train_image.log_iteration
+
+    def counting_predict(pipe, x, *args, **kwargs):
+        counts["forwards"] += x.shape[0]
+        counts["backwards"] += x.shape[0] if torch.is_grad_enabled() else 0  # every training forward is backpropagated
+        return predict(pipe, x, *args, **kwargs)
+
+    def watch(args, row, history, rank):
+        log(args, row, history, rank)
+        rows.append(dict(row, **counts))
+        r = [x["reward_mean"] for x in rows]
+        if len(r) >= 3 and sum(r[-3:]) / 3 > r[0] + target_gain:
+            raise _Reached
+    models.predict, train_image.log_iteration = counting_predict, watch
+    try:
+        train_image.main([*flags, "--output_dir", str(folder), "--sample_every", str(10**9)])
+        reached = False
+    except _Reached:
+        reached = True
+    finally:
+        models.predict, train_image.log_iteration = predict, log
+    return dict(reached=reached, iterations=len(rows), wall_s=sum(r["time_s"] for r in rows),
+                forwards=rows[-1]["forwards"], backwards=rows[-1]["backwards"], start_reward=rows[0]["reward_mean"],
+                reward=sum(r["reward_mean"] for r in rows[-3:]) / len(rows[-3:]))
+
+
+def time_to_reward(ours, rest) -> dict:
+    """The paper's setting and each variant, seed by seed, side by side; prints a table and the JSON line."""
+    settings = {"paper": []}
+    for item in filter(str.strip, ours.variants.split(";")):
+        name, _, flags = item.partition("=")
+        settings[name.strip()] = shlex.split(flags)
+    base = ["--model", "tiny-flux", "--reward", "brightness", "--iterations", str(ours.max_iterations), *rest]
+    for flags in settings.values():
+        train_image.parse_args(base + flags)  # refuse bad flags before any run
+    runs = {name: [] for name in settings}
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(ours.seeds):
+            for name, flags in settings.items():  # interleaved: a load change on the machine hits every setting
+                runs[name].append(dict(seed=seed, **train_until(base + flags + ["--seed", str(seed)], ours.target_gain,
+                                                                 Path(folder) / f"{name}-{seed}")))
+    figures = {name: dict(flags=" ".join(settings[name]), reached_seeds=sum(r["reached"] for r in rs),
+                          **{f"median_{k}": statistics.median(r[k] for r in rs)
+                             for k in ("wall_s", "iterations", "forwards", "backwards")}, runs=rs)
+               for name, rs in runs.items()}
+    paper = figures["paper"]["median_wall_s"]
+    print(f"\ntime to +{ours.target_gain} reward (3-iteration moving average), {ours.seeds} seeds, tiny-flux, "
+          f"{torch.get_num_threads()} thread(s); medians")
+    print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
+          f"{'speedup':>8}")
+    for name, f in figures.items():
+        print(f"{name:10} {f['flags'] or '(paper)':40} {f['median_wall_s']:8.1f} {f['median_iterations']:6.1f} "
+              f"{f['median_forwards']:9.0f} {f['median_backwards']:9.0f} {f['reached_seeds']:>4}/{ours.seeds:<3} "
+              f"{paper / f['median_wall_s']:7.2f}x")
+    variants = [n for n in settings if n != "paper"]
+    result = dict(time_to_reward_speedup=paper / figures[variants[0]]["median_wall_s"] if variants else 1.0,
+                  **{f"time_to_reward_speedup_{n}": paper / figures[n]["median_wall_s"] for n in variants},
+                  **{f"reached_{n}": f["reached_seeds"] == ours.seeds for n, f in figures.items()},
+                  seeds=ours.seeds, target_gain=ours.target_gain, max_iterations=ours.max_iterations,
+                  threads=torch.get_num_threads(), device="cpu", settings=figures)
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="other arguments: see train_image.py")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -277,11 +367,23 @@ def main(argv=None):
                    "CPU, 1 on CUDA)")
     p.add_argument("--compile", choices=("off", "on", "both"), help="torch.compile the transformer (default: "
                    "both on CUDA, off on CPU)")
+    p.add_argument("--time_to_reward", action="store_true", help="time to a reward gain: the paper's setting against "
+                   "the --variants (tiny FLUX, brightness, CPU)")
+    p.add_argument("--variants", default=VARIANTS, help="'name=train_image flags; ...' (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=5, help="--time_to_reward: seeds per setting")
+    p.add_argument("--target_gain", type=float, default=0.1, help="--time_to_reward: reward gain to reach")
+    p.add_argument("--max_iterations", type=int, default=60, help="--time_to_reward: give up after this many")
     ours, rest = p.parse_known_args(argv)
     device = torch.device(ours.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(ours.threads or (torch.get_num_threads() if cuda else 1))
+    if ours.time_to_reward:
+        if cuda or ours.seeds < 1 or ours.max_iterations < 3 or ours.target_gain <= 0:
+            p.error("--time_to_reward runs on the CPU, with --seeds >= 1, --max_iterations >= 3, --target_gain > 0")
+        return time_to_reward(ours, rest)
     args = train_image.parse_args(["--model", "flux" if cuda else "tiny-flux", "--reward", "brightness", *rest])
+    if args.sde_window:
+        p.error("--sde_window: the loop-structure comparison runs the paper's setting; see --time_to_reward")
     if args.model not in ("flux", "tiny-flux"):
         p.error(f"--model {args.model}: bench.py runs flux (FLUX.1-dev architecture, random weights) or tiny-flux")
     if cuda:

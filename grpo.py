@@ -5,6 +5,7 @@
   multi_reward_advantages   their weighted sum (what best-of-N ranks by)         Sec. 3.3
   clipped_loss              the PPO-style clipped surrogate, one per reward, no KL   Eq. (3)
   select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
+  sde_window                MixGRPO's sliding window of SDE (and trained) steps  arXiv 2507.21802
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
   gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
 
@@ -83,13 +84,23 @@ def clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
     return sum(w * l for w, l in zip(weights, per_reward))
 
 
-def select_timesteps(num_steps: int, fraction: float, num_samples: int, generator=None) -> torch.Tensor:
+def select_timesteps(num_steps: int, fraction: float, num_samples: int, generator=None, window=None) -> torch.Tensor:
     """The denoising steps each sample trains on (Sec. 3.3, "timestep selection").
 
     The last step (index num_steps - 1) is never trained, as in the official code. Each sample
     draws its own random permutation of the other num_steps - 1 steps and keeps its first
     k = int((num_steps - 1) * fraction). Returns LongTensor[num_samples, k].
+
+    window: a range of steps (sde_window), MixGRPO's setting: only its steps are SDE steps, and each
+    sample trains all of them (but the last step), in its own random order; `fraction` is not used
+    (the official MixGRPO trains every window step). A window of all steps with fraction 1 draws
+    exactly what the paper's setting draws.
     """
+    if window is not None:
+        steps = torch.tensor([i for i in window if i < num_steps - 1], dtype=torch.long)
+        if len(steps) < 1:
+            raise ValueError(f"window {window} holds no trainable step of {num_steps} (the last is never trained)")
+        return torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(num_samples)])
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     k = int((num_steps - 1) * fraction)
@@ -97,6 +108,31 @@ def select_timesteps(num_steps: int, fraction: float, num_samples: int, generato
         raise ValueError(f"num_steps={num_steps} with fraction={fraction} trains no step; use more steps or a larger fraction")
     perms = [torch.randperm(num_steps - 1, generator=generator)[:k] for _ in range(num_samples)]
     return torch.stack(perms)
+
+
+def sde_window(iteration: int, num_steps: int, size: int, shift_every: int, stride: int = 1) -> range | None:
+    """MixGRPO's sliding window (Li et al. 2025, arXiv 2507.21802, "sliding window"): the `size`
+    consecutive steps that are SDE steps and trained in an iteration (size 0: None, no window, every
+    step an SDE step: the paper's setting). It starts at step 0 (highest
+    noise) and moves `stride` steps toward low noise every `shift_every` iterations (0: never moves);
+    past the last position it starts again at 0 (the official scripts pass --roll_back).
+    MixGRPO's defaults on 25 steps: size 4, shift_every 25, stride 1 (MixGRPO scripts/finetune/
+    finetune_flux_grpo_MixGRPO.sh lines 54-60, 164-168, commit e5cdd6a).
+
+    A window lies within the trainable steps 0 .. num_steps - 2, so every position trains `size`
+    steps; a window of num_steps steps covers every step (the paper's rollout).
+    deviation: the official window is clipped at step num_steps - 2 and shrinks (to nothing at its last
+    position, fastvideo/utils/grpo_states.py lines 95-99, 148, and train_grpo_flux.py line 919); here it
+    stays whole and starts again.
+    """
+    if size == 0:
+        return None
+    if not 1 <= size <= num_steps or shift_every < 0 or stride < 0:
+        raise ValueError(f"need 1 <= size <= num_steps ({num_steps}), shift_every >= 0, stride >= 0; "
+                         f"got {size}, {shift_every}, {stride}")
+    positions = max(1, num_steps - size)  # starts 0 .. num_steps - 1 - size
+    start = (iteration // shift_every * stride) % positions if shift_every else 0
+    return range(start, start + size)
 
 
 def best_of_n(rewards: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:

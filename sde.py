@@ -8,7 +8,11 @@ clipped GRPO objective (grpo.py) compares before and after an update.
   flow_sigmas     the rectified-flow noise schedule with the SD3 time shift
   flow_sde_step   one step of the rectified-flow SDE (FLUX, HunyuanVideo, SkyReels)   Sec. 3.2
   ddim_sde_step   one step of the DDIM SDE (Stable Diffusion), as in DDPO            Sec. 3.2
-  rollout         a whole batched trajectory, keeping every latent and log-prob
+  rollout         a whole batched trajectory, keeping every latent and log-prob; an eta per step
+                  mixes SDE and ODE steps (MixGRPO's sliding window, arXiv 2507.21802)
+  window_etas     eta inside a window of steps, 0 (an ODE step) outside it                 MixGRPO
+  window_plan     the schedule and etas of a windowed rollout
+  flash_sigmas    the flow schedule with the steps after the window done in fewer ODE steps  MixGRPO-Flash
 
 Every function depends on torch and math only and may be copied on its own.
 """
@@ -70,9 +74,11 @@ def _gaussian_step(mean, std, prev_sample, generator):
 
     The average (not the sum) over latent elements is what the official code optimises; it is
     why the clip range is as small as 1e-4. Computed in float32. Where std is 0 (eta = 0) the
-    step is deterministic, has no density, and log_prob is returned as 0.
+    step is deterministic, has no density, and log_prob is returned as 0; no noise is drawn then.
     """
-    if prev_sample is None:
+    if prev_sample is None and not bool((std > 0).any()):  # an ODE step: the generator is left untouched
+        prev_sample = mean
+    elif prev_sample is None:
         noise = _randn(mean.shape, generator, mean.device)
         prev_sample = mean + std * noise
     x = prev_sample.detach().float()
@@ -163,30 +169,69 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
       noise: initial latents x_T [B, ...].
       schedule: Tensor[T + 1], sigmas 1 -> 0 (flow) or cumulative alphas a_T -> a_final (ddim);
         step i goes from schedule[i] to schedule[i + 1].
-      eta: SDE noise scale.
+      eta: SDE noise scale, one float for every step, or a sequence of T floats, one per step
+        (window_etas). A step with eta 0 is an ODE step (Euler / deterministic DDIM): no noise is
+        drawn from the generator and its log-prob is NaN, i.e. none is kept (it is not a policy step).
       kind: "flow" or "ddim".
       generator: torch.Generator for the per-step noise, or a list (one per equal slice of the batch).
     Returns:
       latents   [B, T + 1, ...]  x_T, ..., x_0 (latents[:, i] is the input of step i)
-      log_probs [B, T]           log-prob of each transition
+      log_probs [B, T]           log-prob of each transition (NaN for ODE steps)
       final     [B, ...]         the sample to decode: the last step's x0_hat for flow (as the
                                  official DanceGRPO code), the last x_0 for DDIM (as DDPO)
     """
     if kind not in ("flow", "ddim"):
         raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
     step = flow_sde_step if kind == "flow" else ddim_sde_step
+    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * (len(schedule) - 1)
+    if len(etas) != len(schedule) - 1:
+        raise ValueError(f"eta must be a float or one per step ({len(schedule) - 1}), got {len(etas)}")
     x = noise.float()
     all_latents, all_log_probs = [x], []
     for i in range(len(schedule) - 1):
         model_output = denoise(x, i)
-        x, log_prob, _, _ = step(model_output, x, schedule[i], schedule[i + 1], eta, generator=generator)
+        x, log_prob, _, _ = step(model_output, x, schedule[i], schedule[i + 1], etas[i], generator=generator)
         all_latents.append(x)
-        all_log_probs.append(log_prob)
+        all_log_probs.append(log_prob if etas[i] > 0 else torch.full_like(log_prob, float("nan")))
     if kind == "flow":
         final = all_latents[-2] - schedule[-2] * model_output.float()  # x0_hat = x - sigma v
     else:
         final = x
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), final
+
+
+def window_etas(num_steps: int, eta: float, window) -> list[float]:
+    """MixGRPO's mixed sampling (Li et al. 2025, arXiv 2507.21802): the steps in `window` (a range
+    of step indices) are SDE steps with noise scale eta, the others ODE steps (eta 0). Only the
+    window's steps are random, so only they are policy steps with a log-prob to train."""
+    return [eta if i in window else 0.0 for i in range(num_steps)]
+
+
+def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=0):
+    """What a MixGRPO rollout runs: (schedule, model_t, etas). etas: window_etas; with tail_steps (flow
+    only, `shift` its time shift) the schedule after the window is flash_sigmas' and model_t = sigmas[:-1]."""
+    if tail_steps:
+        schedule = flash_sigmas(len(schedule) - 1, shift, window.stop, tail_steps)
+        model_t = schedule[:-1]  # the flow network's timestep is sigma
+    return schedule, model_t, window_etas(len(model_t), eta, window)
+
+
+def flash_sigmas(num_steps: int, shift: float, window_end: int, tail_steps: int) -> torch.Tensor:
+    """flow_sigmas(num_steps, shift) up to step `window_end` (the first step after the SDE window),
+    then `tail_steps` ODE steps from there to 0, evenly spaced in unshifted time and shifted the same
+    way: MixGRPO-Flash's shorter tail (their --dpm_post_compress_ratio; the count is given here).
+    Steps before window_end keep their sigmas bit for bit, so training on window steps can use the
+    full schedule. Returns Tensor[window_end + tail_steps + 1]; the full schedule when that is not shorter.
+
+    deviation: MixGRPO-Flash solves the tail with DPM-Solver++ (2nd order); the tail here is Euler steps.
+    """
+    if not 0 <= window_end <= num_steps or tail_steps < 1:
+        raise ValueError(f"need 0 <= window_end <= num_steps and tail_steps >= 1, got {window_end}, {tail_steps}")
+    if tail_steps >= num_steps - window_end:
+        return flow_sigmas(num_steps, shift)
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    t = torch.cat([t[:window_end], torch.linspace(t[window_end].item(), 0, tail_steps + 1, dtype=torch.float64)])
+    return (shift * t / (1 + (shift - 1) * t)).float()
 
 
 def group_noise(num_groups: int, group_size: int, shape, generator=None, same_noise=True) -> torch.Tensor:

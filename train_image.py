@@ -55,6 +55,9 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help="SD3 time shift of the flow schedule")
     p.add_argument("--guidance_scale", type=float, help="embedded guidance (FLUX) or CFG scale (SD)")
     p.add_argument("--timestep_fraction", type=float, help="fraction of the T-1 trainable steps each sample trains")
+    p.add_argument("--sde_window", type=int, default=0, help="MixGRPO: SDE, trained, only in a sliding window")
+    p.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
+    p.add_argument("--ode_steps_after", type=int, default=0, help="MixGRPO-Flash: ODE steps after the window (0 = all)")
     p.add_argument("--clip_range", type=float, default=1e-4)
     p.add_argument("--adv_clip", type=float, default=5.0)
     p.add_argument("--lr", type=float)
@@ -115,6 +118,9 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
+    if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
+            args.ode_steps_after and not (args.sde_window and args.shift)):
+        return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
     for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "rollout_batch", "height", "width",
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -311,14 +317,18 @@ def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, arg
     noise = sde.group_noise(len(groups), args.group_size, noise_shape,
                             [seeded(args.seed, iteration, g) for g in groups], args.same_noise).to(device)
     step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
-    return sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, step_noise, extra,
+    eta, window = args.eta, grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
+    if window is not None:  # MixGRPO: SDE in the window, ODE outside; Flash: fewer ODE steps after it
+        schedule, model_t, eta = sde.window_plan(schedule, model_t, args.eta, window, args.shift, args.ode_steps_after)
+    return sample(pipe, cond, noise, schedule, model_t, kind, eta, args, step_noise, extra,
                   shared_first=args.group_size if args.same_noise else 1)
 
 
 def timesteps_for(groups, args, iteration) -> torch.Tensor:
-    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2)."""
+    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's."""
+    window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
-                                            seeded(args.seed, iteration, g, 2)) for g in groups])
+                                            seeded(args.seed, iteration, g, 2), window) for g in groups])
 
 
 # ----------------------------------------------------------------------------- 3. reward

@@ -69,3 +69,22 @@ def test_random_flux_path_runs_on_cpu_with_a_tiny_config(monkeypatch, capsys):
     update = result["runs"][0]["phases"]["update"]
     assert update["project_mfu"] > 0 and update["official_tflops"] > 0
     assert "reward" not in result["runs"][0]["phases"]  # no reward model in this path
+
+
+def test_time_to_reward_prints_a_well_formed_json_line(capsys):
+    """--time_to_reward at a tiny size; its figures are checked for form and counts, not for time."""
+    result = bench.main(["--time_to_reward", "--seeds", "2", "--max_iterations", "3", "--target_gain", "1e-9",
+                         "--variants", "window=--sde_window 1; flash=--sde_window 1 --ode_steps_after 1",
+                         "--num_steps", "4", "--group_size", "2", "--prompts_per_rank", "1", "--resolution", "16"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    assert {"time_to_reward_speedup", "time_to_reward_speedup_window", "time_to_reward_speedup_flash", "reached_paper",
+            "reached_window", "reached_flash", "seeds"} <= set(result)
+    assert result["seeds"] == 2 and result["time_to_reward_speedup"] > 0
+    assert all(isinstance(result[f"reached_{n}"], bool) for n in ("paper", "window", "flash"))
+    # 3 iterations of 2 samples: a rollout costs 2 x steps forwards less 1 (the group's shared first step), each
+    # trained (sample, step) pair a forward and a backward. paper: 4 steps, int(3 x 0.6) = 1 pair a sample;
+    # window: 4 steps, its 1 step; flash: step 0, then 1 ODE step to the end.
+    counts = {"paper": (3 * (7 + 2), 3 * 2), "window": (3 * (7 + 2), 3 * 2), "flash": (3 * (3 + 2), 3 * 2)}
+    for name, f in result["settings"].items():
+        assert [r["seed"] for r in f["runs"]] == [0, 1] and f["median_iterations"] == 3 and f["median_wall_s"] > 0
+        assert (f["median_forwards"], f["median_backwards"]) == counts[name], name

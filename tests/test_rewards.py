@@ -151,6 +151,17 @@ def test_pickscore_is_logit_scale_times_cosine(tmp_path, clip_tokenizer):
     torch.testing.assert_close(scorer(video, PROMPTS), per_frame.mean(1))
 
 
+def test_pickscore_runs_in_float32_whatever_its_folder_stores(tmp_path, clip_tokenizer):
+    """A folder saved in bf16 (as a user may convert it) scores like the float32 model upcast from those
+    same bf16 weights; the official FLUX script runs PickScore in fp32 too."""
+    model = tiny_clip(seed=5).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    scorer = rewards.REWARDS["pickscore"]("cpu", path=str(tmp_path), tokenizer=clip_tokenizer)
+    x = images_8bit(2)
+    expected = model.float().logit_scale.exp() * reference_cosine(model.float(), clip_tokenizer, x, PROMPTS)
+    torch.testing.assert_close(scorer(x, PROMPTS), expected, atol=1e-4, rtol=1e-5)
+
+
 def test_clip_pixels_resize_modes():
     x = torch.ones(1, 3, 16, 32)  # white, twice as wide as high
     black = ((0 - torch.tensor(rewards.CLIP_MEAN)) / torch.tensor(rewards.CLIP_STD))[:, None]

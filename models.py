@@ -1,15 +1,20 @@
 """Everything model-specific, so the train scripts stay generic.
 
-Four families, each a real diffusers pipeline: FLUX.1-dev (FluxPipeline), Stable Diffusion v1.4
-(StableDiffusionPipeline with a DDIMScheduler), HunyuanVideo T2V (HunyuanVideoPipeline) and SkyReels-V1 I2V
-(HunyuanSkyreelsImageToVideoPipeline). The `tiny-*` presets build the same pipeline classes from small configs
+Seven families, each a real diffusers pipeline: FLUX.1-dev (FluxPipeline), Stable Diffusion v1.4
+(StableDiffusionPipeline with a DDIMScheduler), SD3.5-Medium (StableDiffusion3Pipeline), Qwen-Image
+(QwenImagePipeline), HunyuanVideo T2V (HunyuanVideoPipeline), Wan2.1 T2V (WanPipeline) and SkyReels-V1 I2V
+(HunyuanSkyreelsImageToVideoPipeline). Each has a section in the functions below (load, tiny preset, encode_prompts,
+initial_noise, predict, decode, defaults). The `tiny-*` presets build the same pipeline classes from small configs
 with seeded random weights and in-code tokenizers, so every test and smoke run works offline on a CPU.
 
 Latent layouts ("step layout", what the SDE steps in sde.py work on):
-    FLUX      packed tokens [B, L, 4C]     (2x2 patches of the [B, C, h, w] VAE latent, as FluxPipeline packs them)
-    SD        [B, 4, h, w]
-    Hunyuan   [B, C, f, h, w]
-    SkyReels  [B, C, f, h, w]              (the first-frame image latents are concatenated inside predict())
+    FLUX       packed tokens [B, L, 4C]     (2x2 patches of the [B, C, h, w] VAE latent, as FluxPipeline packs them)
+    Qwen-Image packed tokens [B, L, 4C]     (the same packing of its one-frame latent [B, C, 1, h, w])
+    SD         [B, 4, h, w]
+    SD3.5      [B, 16, h, w]
+    Hunyuan    [B, C, f, h, w]
+    Wan        [B, C, f, h, w]              (f = (frames - 1) / 4 + 1; one frame by default, as the official script)
+    SkyReels   [B, C, f, h, w]              (the first-frame image latents are concatenated inside predict())
 """
 import string
 
@@ -22,13 +27,16 @@ _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
 from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, HunyuanSkyreelsImageToVideoPipeline,
-                       HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+                       HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKLWan,
+                       WanPipeline, WanTransformer3DModel, AutoencoderKLQwenImage, QwenImagePipeline,
+                       QwenImageTransformer2DModel)
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from diffusers.utils.torch_utils import randn_tensor
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer,
-                          T5Config, T5EncoderModel, T5Tokenizer)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)
 
 transformers_logging.set_verbosity(_verbosity)
 
@@ -39,16 +47,25 @@ HUB_IDS = {
     # The diffusers-format SkyReels-V1 I2V pipeline the official DanceGRPO README downloads (the Skywork/SkyReels-V1-
     # Hunyuan-I2V transformer plus HunyuanVideo's VAE and text encoders).
     "skyreels": "xzyhku/SkyReels-V1-I2V",
+    "sd35": "stabilityai/stable-diffusion-3.5-medium",  # Flow-GRPO's main model
+    "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "qwenimage": "Qwen/Qwen-Image",
 }
-TINY = ("tiny-flux", "tiny-sd", "tiny-hunyuan", "tiny-skyreels")
+TINY = ("tiny-flux", "tiny-sd", "tiny-hunyuan", "tiny-skyreels", "tiny-sd35", "tiny-wan", "tiny-qwenimage")
 FAMILY = {"flux": "flux", "tiny-flux": "flux", "sd14": "sd", "tiny-sd": "sd", "hunyuan": "hunyuan",
-          "tiny-hunyuan": "hunyuan", "skyreels": "skyreels", "tiny-skyreels": "skyreels"}
+          "tiny-hunyuan": "hunyuan", "skyreels": "skyreels", "tiny-skyreels": "skyreels", "sd35": "sd35",
+          "tiny-sd35": "sd35", "wan": "wan", "tiny-wan": "wan", "qwenimage": "qwenimage",
+          "tiny-qwenimage": "qwenimage"}
 PIPELINES = {"flux": FluxPipeline, "sd": StableDiffusionPipeline, "hunyuan": HunyuanVideoPipeline,
-             "skyreels": HunyuanSkyreelsImageToVideoPipeline}
+             "skyreels": HunyuanSkyreelsImageToVideoPipeline, "sd35": StableDiffusion3Pipeline,
+             "wan": WanPipeline, "qwenimage": QwenImagePipeline}
 
 FLUX_TEXT_LEN = 512  # T5 tokens, FluxPipeline's default max_sequence_length (the official preprocessing uses it too)
 HUNYUAN_TEXT_LEN = 256  # Llama tokens after the prompt template, HunyuanVideoPipeline's default
 TINY_TEXT_LEN = 64  # the tiny presets' character-level tokenizers: a prompt fits, no 512 tokens of padding
+SD35_TEXT_LEN = 128  # T5 tokens: Flow-GRPO's compute_text_embeddings(..., max_sequence_length=128), train_sd3.py:625
+QWEN_TEXT_LEN = 1024  # Qwen2.5-VL tokens after the template, QwenImagePipeline's default (official: padded to 1024)
+WAN_TEXT_LEN = 226  # UMT5 tokens, WanPipeline's default (the official preprocessing calls its encode_prompt)
 SKYREELS_EMBEDDED_GUIDANCE = 1.0  # official SkyReels GRPO feeds guidance=1000 (= 1.0 * 1000) next to its CFG
 
 
@@ -68,8 +85,8 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
     if model in TINY:
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
             torch.manual_seed(seed)
-            pipe = {"flux": _tiny_flux, "sd": _tiny_sd, "hunyuan": _tiny_hunyuan,
-                    "skyreels": _tiny_skyreels}[family]()
+            pipe = {"flux": _tiny_flux, "sd": _tiny_sd, "hunyuan": _tiny_hunyuan, "skyreels": _tiny_skyreels,
+                    "sd35": _tiny_sd35, "wan": _tiny_wan, "qwenimage": _tiny_qwenimage}[family]()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
@@ -84,6 +101,9 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
                 f"tiny preset ({', '.join(TINY)})") from None
     if family == "sd":  # DDPO/DanceGRPO sample SD with DDIM; same betas, from the checkpoint's scheduler config
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family == "wan" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        # Wan ships UniPC (flow_shift 3); DanceGRPO samples it with the Euler flow SDE, shift 3, so __call__ uses Euler
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.get("flow_shift", 3.0))
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -106,25 +126,26 @@ def _family(pipe):
 # Tiny presets: real pipeline classes, small configs, tokenizers built in code (character-level, any text works)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _tiny_clip(hidden=32):
-    """CLIP BPE tokenizer with a byte-level character vocabulary (no merges) and a 2-layer CLIPTextModel."""
+def _tiny_clip(hidden=32, cls=CLIPTextModel):
+    """CLIP BPE tokenizer with a byte-level character vocabulary (no merges) and a 2-layer CLIPTextModel
+    (or `cls`, e.g. CLIPTextModelWithProjection for SD3)."""
     chars = sorted(ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                             projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return tokenizer, CLIPTextModel(config)
+    return tokenizer, cls(config)
 
 
-def _tiny_t5(hidden=32):
-    """T5 Unigram tokenizer over single characters and a 2-layer T5EncoderModel."""
+def _tiny_t5(hidden=32, config_cls=T5Config, cls=T5EncoderModel):
+    """T5 Unigram tokenizer over single characters and a 2-layer T5EncoderModel (or UMT5 for Wan)."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TINY_TEXT_LEN)
-    config = T5Config(vocab_size=len(pieces), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
+    config = config_cls(vocab_size=len(pieces), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
                       num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0)
-    return tokenizer, T5EncoderModel(config)
+    return tokenizer, cls(config)
 
 
 def _tiny_llama(hidden=32):
@@ -144,15 +165,18 @@ def _tiny_llama(hidden=32):
 def _brightness_readable(vae, gain=5.0):
     """Make a random tiny VAE's decoder respond to its latents the way a trained one does.
 
-    A random decoder's GroupNorms pin the image mean: every latent decodes to the same grey, and a
+    A random decoder's GroupNorms (Wan: RMS norms) pin the image mean: every latent decodes to the same grey, and a
     demo reward such as brightness has nothing to learn. The tiny configs use one norm group (so
     the channels' relative means survive the last norm); zeroing the scale of the inner norms turns
     each residual block into identity + constant, so the decoder is close to a linear upsampler of
     the latents; a larger output convolution gives the images contrast. Weights and config values
     only: the classes and save_pretrained / from_pretrained stay the real ones."""
+    last = vae.decoder.conv_norm_out if hasattr(vae.decoder, "conv_norm_out") else vae.decoder.norm_out
     for m in vae.decoder.modules():
-        if isinstance(m, torch.nn.GroupNorm) and m is not vae.decoder.conv_norm_out:
+        if isinstance(m, torch.nn.GroupNorm) and m is not last:
             m.weight.zero_()
+        elif hasattr(m, "gamma") and m is not last:  # Wan's RMS norms (channel-wise, one scale per channel)
+            m.gamma.zero_()
     conv_out = [m for m in vae.decoder.conv_out.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     conv_out[-1].weight.mul_(gain)
     return vae
@@ -216,6 +240,79 @@ def _tiny_skyreels():
     return _tiny_hunyuan(HunyuanSkyreelsImageToVideoPipeline, in_channels=8)
 
 
+def _tiny_sd35():
+    clip_tok, clip = _tiny_clip(cls=CLIPTextModelWithProjection)
+    clip2_tok, clip2 = _tiny_clip(cls=CLIPTextModelWithProjection)
+    t5_tok, t5 = _tiny_t5()
+    # SD3's VAE: 16 channels, scaling and shift factors of SD3.5's vae/config.json; two blocks -> 2x (real: 8x)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    _brightness_readable(vae)
+    # SD3.5-Medium's features at toy width: MMDiT-X dual attention in the first layer, RMS qk-norm;
+    # pooled = both CLIPs' projections (2 x 32), joint = T5 width (32)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3.5-Medium's scheduler_config.json
+    return StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                                    text_encoder_2=clip2, tokenizer_2=clip2_tok, text_encoder_3=t5,
+                                    tokenizer_3=t5_tok, transformer=transformer)
+
+
+def _tiny_wan():
+    tokenizer, umt5 = _tiny_t5(config_cls=UMT5Config, cls=UMT5EncoderModel)
+    # Wan's causal 3D VAE at toy width: 4 channels (real: 16), 4x space and 4x time (real: 8x, 4x); identity
+    # latent statistics (real: per-channel latents_mean / latents_std)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=4,
+                           scale_factor_spatial=4)
+    _brightness_readable(vae, gain=2.0)  # Wan's last RMS norm keeps the scale: 5 saturates half the pixels
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=umt5, vae=vae, scheduler=scheduler, transformer=transformer)
+
+
+def _tiny_qwen25vl(hidden=32):
+    """Qwen2 byte-level BPE tokenizer over single bytes (no merges) with the chat tokens of Qwen-Image's prompt
+    template, and a 2-layer Qwen2.5-VL (its 1-block vision tower is never used for text)."""
+    tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[])
+    tokenizer.add_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tokenizer.pad_token = "<|endoftext|>"
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen2_5_VLConfig(
+        bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]))
+    return tokenizer, Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _tiny_qwenimage():
+    tokenizer, text_encoder = _tiny_qwen25vl()
+    # Qwen-Image's VAE (Wan-style, one latent frame): 4 channels (real: 16), one block -> 2x (real: 8x)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    _brightness_readable(vae)
+    # MMDiT on 2x2-packed latents (4C = 16 inputs), text width = the text encoder's
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6))
+    # deviation (tiny only): a fixed shift 3 (the official GRPO schedule) instead of Qwen-Image's resolution-
+    # dependent dynamic shift, so the pipeline's own __call__ samples the schedule GRPO trains on
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conditioning
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,13 +328,20 @@ def _hunyuan_template(tokenizer):
 
 def _hunyuan_text(pipe, prompts, device):
     embeds, pooled, mask = pipe.encode_prompt(prompts, prompt_template=_hunyuan_template(pipe.tokenizer),
-                                              device=device, max_sequence_length=_text_len(pipe, HUNYUAN_TEXT_LEN))
+                                              device=device, max_sequence_length=_text_len(pipe.tokenizer, HUNYUAN_TEXT_LEN))
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
 
 
-def _text_len(pipe, default):
+def _qwen_template_start(pipe):
+    """QwenImagePipeline drops the first 34 tokens (its prompt template's prefix under Qwen's tokenizer) of the
+    text encoder's output; the tiny preset's byte-level tokenizer gets its own count of that prefix."""
+    if "<|vision_start|>" not in pipe.tokenizer.get_vocab():
+        prefix = pipe.prompt_template_encode.split("{}")[0]
+        pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+
+
+def _text_len(tokenizer, default):
     """Text tokens for the transformer: the pipeline default, or fewer where the tokenizer says so (tiny presets)."""
-    tokenizer = pipe.tokenizer_2 if isinstance(pipe, FluxPipeline) else pipe.tokenizer
     return min(default, tokenizer.model_max_length)
 
 
@@ -248,11 +352,26 @@ def encode_prompts(pipe, prompts, device):
     family, prompts = _family(pipe), list(prompts)
     if family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(prompts, device=device,
-                                               max_sequence_length=_text_len(pipe, FLUX_TEXT_LEN))
+                                               max_sequence_length=_text_len(pipe.tokenizer_2, FLUX_TEXT_LEN))
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # [B, 512, 4096], [B, 768]; txt_ids = 0
     elif family == "sd":  # uncond = "" for every prompt, exactly as StableDiffusionPipeline does for CFG
         embeds, neg = pipe.encode_prompt(prompts, device, 1, True)
         cond = {"prompt_embeds": embeds, "negative_prompt_embeds": neg}  # [B, 77, 768] each
+    elif family == "sd35":  # CLIP-L, CLIP-G and T5 on the same prompt; uncond = "" as the pipeline and Flow-GRPO
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, None, None, device=device, do_classifier_free_guidance=True,
+            max_sequence_length=_text_len(pipe.tokenizer_3, SD35_TEXT_LEN))
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,  # [B, 77 + 128, 4096], [B, 2048]
+                "negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
+    elif family == "wan":  # uncond = "" (the official preprocessing's encode_prompt with CFG and no negative prompt)
+        embeds, neg = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device=device,
+                                         max_sequence_length=_text_len(pipe.tokenizer, WAN_TEXT_LEN))
+        cond = {"prompt_embeds": embeds, "negative_prompt_embeds": neg}  # [B, 226, 4096] each, zero after the text
+    elif family == "qwenimage":  # no negative prompt: the official Qwen-Image GRPO samples without CFG
+        _qwen_template_start(pipe)
+        embeds, mask = pipe.encode_prompt(prompts, device=device, max_sequence_length=QWEN_TEXT_LEN)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}  # [B, L, 3584], [B, L]; L = longest prompt
     else:
         cond = _hunyuan_text(pipe, prompts, device)  # [B, 256, 4096], [B, 768], [B, 256]
         if family == "skyreels":  # official SkyReels GRPO: the unconditional branch is the empty prompt
@@ -290,6 +409,12 @@ def initial_noise(pipe, batch, height, width, num_frames, generator):
         return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)[0]
     if family == "sd":  # [B, 4, H/s, W/s]; DDIM's init_noise_sigma is 1
         C = pipe.unet.config.in_channels
+        return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)
+    if family == "qwenimage":  # drawn as [B, 1, C, h, w] then packed into [B, h/2 * w/2, 4C], as QwenImagePipeline
+        C = pipe.transformer.config.in_channels // 4
+        return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)
+    if family == "sd35":  # [B, 16, H/8, W/8]
+        C = pipe.transformer.config.in_channels
         return pipe.prepare_latents(batch, C, height, width, torch.float32, "cpu", generator)
     C = pipe.transformer.config.out_channels
     f = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -330,6 +455,21 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
                       encoder_hidden_states=torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]]))[0]
             uncond, text = eps.float().chunk(2)
             return uncond + guidance_scale * (text - uncond)
+    elif family == "sd35":  # StableDiffusion3Pipeline passes the scheduler's timestep sigma * 1000
+        return _guided(lambda x, t, prompt_embeds, pooled_prompt_embeds: net(
+            hidden_states=x, timestep=t * 1000, encoder_hidden_states=prompt_embeds,  # x: [B, 16, h, w]
+            pooled_projections=pooled_prompt_embeds, return_dict=False)[0],
+            x, t.float(), c, ("prompt_embeds", "pooled_prompt_embeds"), guidance_scale)
+    elif family == "wan":  # WanPipeline passes the scheduler's timestep sigma * 1000
+        return _guided(lambda x, t, prompt_embeds: net(hidden_states=x, timestep=t * 1000,  # x: [B, C, f, h, w]
+                                                       encoder_hidden_states=prompt_embeds, return_dict=False)[0],
+                       x, t.float(), c, ("prompt_embeds",), guidance_scale)
+    elif family == "qwenimage":  # QwenImagePipeline passes t / 1000 = sigma; no guidance embedding, no CFG
+        h, w = _flux_packed_hw(pipe, height, width)
+        mask = c["prompt_embeds_mask"]
+        out = net(hidden_states=x, timestep=t.to(dtype), encoder_hidden_states=c["prompt_embeds"],  # x: [B, L, 4C]
+                  encoder_hidden_states_mask=None if mask.all() else mask,  # the pipeline drops an all-ones mask
+                  img_shapes=[[(1, h // 2, w // 2)]] * B, guidance=None, return_dict=False)[0]
     elif family == "hunyuan":
         out = net(hidden_states=x,  # [B, C, f, h, w]
                   timestep=(t * 1000).float(),  # HunyuanVideoPipeline passes the fp32 scheduler timestep sigma*1000
@@ -349,6 +489,17 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
         text, uncond = out.float().chunk(2)
         return uncond + guidance_scale * (text - uncond)
     return out.float()
+
+
+def _guided(call, x, t, cond, keys, guidance_scale):
+    """Classifier-free guidance, uncond + s * (cond - uncond) in float32, the two branches batched in one call
+    (the pipelines make one batched call too, Wan two; the official Wan GRPO one). The unconditional branch reads
+    the `negative_<key>` entries of cond; guidance_scale 1 is a single conditional call. call(x, t, **cond)."""
+    if guidance_scale == 1.0:
+        return call(x, t, **{k: cond[k] for k in keys}).float()
+    out = call(torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([cond[k], cond["negative_" + k]]) for k in keys})
+    text, uncond = out.float().chunk(2)
+    return uncond + guidance_scale * (text - uncond)
 
 
 def ddim_schedule(pipe, num_steps):
@@ -371,6 +522,19 @@ def decode(pipe, latents, height, width):
         z = z / vae.config.scaling_factor + vae.config.shift_factor
     elif family == "sd":
         z = latents / vae.config.scaling_factor
+    elif family == "sd35":
+        z = latents / vae.config.scaling_factor + vae.config.shift_factor
+    elif family == "qwenimage":  # unpack to [B, C, 1, h, w], per-channel statistics, frame 0 of the decoded video
+        z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        z = z * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(shape)
+        image = vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0][:, :, 0]  # [B, 3, H, W] in [-1, 1]
+        return pipe.image_processor.postprocess(image, output_type="pt").float()
+    elif family == "wan":  # per-channel statistics, as WanPipeline: z * std + mean
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        z = latents * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(shape)
+        video = vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
+        return pipe.video_processor.postprocess_video(video, output_type="pt").float()
     else:
         z = latents / vae.config.scaling_factor  # [B, C, f, h, w]
         video = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
@@ -425,6 +589,38 @@ _DEFAULTS = {
                      size_multiple=16, group_size=8, keep=None, prompts_per_rank=1, timestep_fraction=0.6, lr=1e-5,
                      iterations=121, grad_accum=8, micro_batch=1, max_grad_norm=1.0, ema_decay=0.0,
                      checkpoint_every=40, keep_checkpoints=3, reward="videoalign_mq"),
+    # Flow-GRPO's pickscore_sd3 (yifan123/flow_grpo config/grpo.py:106-140 on config/base.py; scripts/train_sd3.py):
+    # 10 steps (:113), CFG 4.5 (:115) also in training (base.py:82), 512 px (:117), 24 images a prompt (:119),
+    # 48 prompts an epoch (:120) -> on 8 ranks 6 prompts a rank; two optimizer steps an epoch (:125), LoRA r 32 /
+    # alpha 64 (train_sd3.py:430-431) with lr 3e-4 (base.py:63; the LoRA rate below), train batch 9 (:124), grad
+    # norm 1.0 (base.py:76), checkpoint every 60 (:131), 5 kept (base.py:19).
+    # timestep_fraction 0.99 of 10 steps trains steps 0-8 there (train_sd3.py:345): all T-1 trainable steps here.
+    # deviation: eta 0.7 is Flow-GRPO's noise_level, here in DanceGRPO's flow SDE (std eta * sqrt(dt)); Flow-GRPO's
+    # SDE scales it by sqrt(sigma / (1 - sigma)) (the two agree at sigma = 0.5). Its KL term (beta 0.01), global
+    # std and EMA (0.9 every 8 steps, train_sd3.py:445) are not used. PickScore (:135). lr 1e-5: --lora_rank 0.
+    "sd35": dict(num_steps=10, shift=3.0, eta=0.7, guidance_scale=4.5, height=512, width=512, size_multiple=16,
+                 group_size=24, prompts_per_rank=6, timestep_fraction=1.0, lr=1e-5, lora_rank=32, iterations=1000,
+                 grad_accum=72, micro_batch=9, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=5,
+                 reward="pickscore"),
+    # finetune_wan_2_1_grpo.sh (line numbers there): single frames (--t 1, :39) at 512 x 512 (:37-38), 20 steps
+    # (:40), eta 0.3 (:41), shift 3 (:48), 12 samples a prompt (:47) sharing their noise (:52), 2 prompts a rank
+    # (:24), one optimizer step per 24 samples (:29), lr 1e-5 (:31), 1000 steps (:30), checkpoint every 200 (:33),
+    # grad norm 1.0 (:44),
+    # fraction 0.6 (:51), HPS-v2.1 (:46) on the first frame (train_grpo_wan_2_1.py:353-365), CFG 5 in rollout and
+    # training (--cfg_infer 5.0, :55; train_grpo_wan_2_1.py:195-205, 238-248); EMA parsed, never applied.
+    "wan": dict(num_steps=20, shift=3.0, eta=0.3, guidance_scale=5.0, height=512, width=512, num_frames=1,
+                size_multiple=16, group_size=12, prompts_per_rank=2, keep=None, timestep_fraction=0.6, lr=1e-5,
+                iterations=1000, grad_accum=24, micro_batch=4, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=200,
+                keep_checkpoints=2, reward="hps"),
+    # finetune_qwenimage_grpo.sh (line numbers there): 720 x 720 (:38-39), 20 steps (:41), eta 0.3 (:42), shift 3
+    # (:49), 12 samples a prompt (:48) sharing their noise (:53), 2 prompts a rank (:25), one optimizer step per 12
+    # samples (:30), lr 1e-5 (:32), 300 steps (:31), checkpoint every 60 (:34), grad norm 1.0 (:45), fraction 0.6
+    # (:52), HPS-v2.1 (:47);
+    # no CFG and no guidance embedding (--cfg 0.0, :36; train_grpo_qwenimage.py:222-233), no EMA (no --use_ema).
+    "qwenimage": dict(num_steps=20, shift=3.0, eta=0.3, guidance_scale=1.0, height=720, width=720, size_multiple=16,
+                      group_size=12, prompts_per_rank=2, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=12,
+                      micro_batch=4, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=2,
+                      reward="hps"),
 }
 # LoRA (--lora_rank > 0) on a real model. FLUX: scripts/finetune/finetune_flux_grpo_8gpus_lora.sh, the 8-GPU script's
 # settings but --max_train_steps 301 (l.32), --learning_rate 3e-4 (l.33), --checkpointing_steps 60 (l.35),
@@ -446,13 +642,16 @@ def model_defaults(model, lora=False):
     """Official defaults for a real name (with its LoRA script's where `lora`); small CPU-friendly values (same
     sampler settings) for a tiny preset. checkpoint_every None: at the end only."""
     family = FAMILY[model]
-    real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels"}[family]
+    real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels", "sd35": "sd35",
+            "wan": "wan", "qwenimage": "qwenimage"}[family]
     d = dict(_DEFAULTS[real])
     if lora:
         d.update({"lr": 3e-4, **_LORA_DEFAULTS.get(real, {})})
-    if model in TINY:  # tiny VAEs downsample 2x (FLUX) or 4x; SD's tiny UNet halves once more
-        d.update(_TINY_DEFAULTS, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8}[family])
+    if model in TINY:  # tiny VAEs downsample 2x (FLUX, SD3.5, Qwen-Image) or 4x; SD's tiny UNet halves once more
+        d.update(_TINY_DEFAULTS, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8, "sd35": 4, "wan": 8,
+                                                "qwenimage": 4}[family])
         d.pop("lora_alpha", None)
+        d.pop("lora_rank", None)  # tiny presets: a full fine-tune unless --lora_rank
         if family in ("hunyuan", "skyreels"):
             d.update(num_frames=9, keep=4 if family == "hunyuan" else None)
         if family == "skyreels":  # CFG 5 magnifies a weight change in the guided velocity: 3e-3 overshoots

@@ -1,4 +1,4 @@
-"""DanceGRPO for text-to-image: FLUX.1-dev (flow SDE) and Stable Diffusion v1.4 (DDIM SDE).
+"""DanceGRPO for text-to-image: FLUX.1-dev, SD3.5-M, Qwen-Image (flow SDE), Stable Diffusion v1.4 (DDIM SDE).
 
   python train_image.py --model tiny-flux --reward brightness --output_dir runs/tiny-flux   # CPU, offline
   torchrun --nproc_per_node=8 train_image.py --model flux --model_path /weights/FLUX.1-dev --prompts prompts.txt
@@ -26,7 +26,7 @@ import models
 import rewards
 import sde
 
-IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd")
+IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd", "sd35", "tiny-sd35", "qwenimage", "tiny-qwenimage")
 DEFAULT_PROMPTS = [
     "a photo of a cat", "a red sports car on a mountain road", "a bowl of fruit on a wooden table",
     "a lighthouse at sunset", "an astronaut riding a horse", "a cozy cabin in the snow",
@@ -70,7 +70,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
                    help="samples of one group share their initial noise")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
-    p.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tune, else LoRA rank (peft)")
+    p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank (peft); default: the model's "
+                                                 "(0; sd35: 32, as Flow-GRPO)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
@@ -88,6 +89,8 @@ def parse_args(argv=None, parser=None):
     """Parse, fill the model's defaults, check. parser: build_parser(...) with more flags (train_video.py)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
+    if args.lora_rank is None:  # the model's: a full fine-tune, except sd35 (LoRA rank 32, as Flow-GRPO)
+        args.lora_rank = models.model_defaults(args.model).get("lora_rank", 0)
     for key, value in models.model_defaults(args.model, lora=args.lora_rank > 0).items():  # official defaults fill
         if getattr(args, key, None) is None:                                                # what was not given
             setattr(args, key, value)

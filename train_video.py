@@ -1,8 +1,9 @@
-"""DanceGRPO for video: HunyuanVideo text-to-video and SkyReels-V1 image-to-video (flow SDE).
+"""DanceGRPO for video: HunyuanVideo and Wan2.1 text-to-video, SkyReels-V1 image-to-video (flow SDE).
 
   python train_video.py --model tiny-hunyuan --reward brightness --output_dir runs/tiny-hunyuan    # CPU, offline
   python train_video.py --model tiny-skyreels --reward brightness --output_dir runs/tiny-skyreels
   torchrun --nproc_per_node=8 train_video.py --model hunyuan --model_path /weights/HunyuanVideo --prompts prompts.txt
+  torchrun --nproc_per_node=8 train_video.py --model wan --model_path /weights/Wan2.1-T2V-1.3B-Diffusers  # 1 frame, HPS
   torchrun --nproc_per_node=8 train_video.py --model skyreels --model_path /weights/SkyReels-V1-I2V \\
       --reference_model_path /weights/FLUX.1-dev --reward videoalign_mq
 
@@ -29,7 +30,7 @@ import models
 import rewards
 import train_image as ti
 
-VIDEO_MODELS = ("hunyuan", "skyreels", "tiny-hunyuan", "tiny-skyreels")
+VIDEO_MODELS = ("hunyuan", "skyreels", "tiny-hunyuan", "tiny-skyreels", "wan", "tiny-wan")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FLUX_FIRST_FRAME = dict(guidance_scale=3.5, num_inference_steps=30, max_sequence_length=512)  # official SkyReels
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models
+import sde
 
 # Tiny models: one intra-op thread. With two threads on a 2-core machine that is busy elsewhere, OpenMP spinning
 # makes these ~1 ms ops 10-100x slower (the whole file: ~5 s with one thread, >60 s with two under load).
@@ -13,7 +14,8 @@ import models
 H = W = 32
 FRAMES = 9
 PROMPTS = ["a photo of a cat", "a red car on a wet road, at night", "Zebra! 日本"]
-REAL = {"tiny-flux": "flux", "tiny-sd": "sd14", "tiny-hunyuan": "hunyuan", "tiny-skyreels": "skyreels"}
+REAL = {"tiny-flux": "flux", "tiny-sd": "sd14", "tiny-hunyuan": "hunyuan", "tiny-skyreels": "skyreels",
+        "tiny-sd35": "sd35", "tiny-wan": "wan", "tiny-qwenimage": "qwenimage"}
 
 
 @pytest.fixture(scope="module", params=models.TINY)
@@ -30,7 +32,7 @@ def tiny(request):
 
 
 def frames(name):
-    return FRAMES if models.FAMILY[name] in ("hunyuan", "skyreels") else None
+    return FRAMES if models.FAMILY[name] in ("hunyuan", "skyreels", "wan") else None
 
 
 def timesteps(name, n, value=0.7):
@@ -63,7 +65,7 @@ def test_encode_prompts_is_batch_first(tiny):
     idx = torch.tensor([2, 2, 0])  # the train scripts index the conditioning with sample indices
     assert all(v[idx].shape[0] == 3 for v in cond.values())
     assert not torch.equal(cond["prompt_embeds"][0], cond["prompt_embeds"][1])
-    if models.FAMILY[name] in ("sd", "skyreels"):  # unconditional branch: the empty prompt, same for every sample
+    if models.FAMILY[name] in ("sd", "skyreels", "sd35", "wan"):  # unconditional branch: the empty prompt, same for every sample
         neg = cond["negative_prompt_embeds"]
         assert neg.shape == cond["prompt_embeds"].shape and torch.equal(neg[0], neg[2])
 
@@ -72,7 +74,9 @@ def test_initial_noise_layout_and_reproducibility(tiny):
     name, pipe, _, _ = tiny
     x = noise(pipe, name, 2)
     expected = {"flux": (2, (H // 2 // 2) * (W // 2 // 2), 64), "sd": (2, 4, H // 4, W // 4),
-                "hunyuan": (2, 4, 3, H // 4, W // 4), "skyreels": (2, 4, 3, H // 4, W // 4)}[models.FAMILY[name]]
+                "hunyuan": (2, 4, 3, H // 4, W // 4), "skyreels": (2, 4, 3, H // 4, W // 4),
+                "sd35": (2, 16, H // 2, W // 2), "wan": (2, 4, 3, H // 4, W // 4),
+                "qwenimage": (2, (H // 2 // 2) * (W // 2 // 2), 16)}[models.FAMILY[name]]
     assert x.shape == expected and x.dtype == torch.float32
     assert torch.equal(x, noise(pipe, name, 2))
     assert not torch.equal(x, noise(pipe, name, 2, seed=1))
@@ -132,8 +136,9 @@ def test_real_name_without_weights_fails_fast():
         models.load_pipeline("flux")
     assert time.time() - start < 10
     assert "--model_path" in str(err.value) and "tiny-flux" in str(err.value)
-    with pytest.raises(RuntimeError, match="--model_path"):
-        models.load_pipeline("sd14", model_path="/nonexistent/weights")
+    for name in ("sd14", "sd35", "wan", "qwenimage"):
+        with pytest.raises(RuntimeError, match="--model_path"):
+            models.load_pipeline(name, model_path="/nonexistent/weights")
     with pytest.raises(ValueError):
         models.load_pipeline("flux2")
 
@@ -184,6 +189,59 @@ def test_skyreels_predict_matches_pipeline_and_depends_on_image():
     torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-4, rtol=1e-4)
     other = models.encode_image_condition(pipe, 1 - image, FRAMES, torch.Generator().manual_seed(4))
     assert not torch.allclose(v, models.predict(pipe, x, torch.ones(2), cond, 5.0, H, W, other))
+
+
+def _pipeline_call(pipe, name, x, steps, guidance):
+    """The pipeline's own __call__ from latents x along linspace(1, 0, T + 1) (the scheduler applies its shift)."""
+    sigmas = torch.linspace(1, 0, steps + 1)[:-1].tolist()
+    common = dict(latents=x, height=H, width=W, num_inference_steps=steps, sigmas=sigmas, guidance_scale=guidance,
+                  output_type="latent")
+    if name == "tiny-sd35":
+        return pipe(prompt=PROMPTS[:2], max_sequence_length=models.TINY_TEXT_LEN, **common).images
+    if name == "tiny-qwenimage":  # no negative prompt: no CFG, as the official Qwen-Image GRPO
+        return pipe(prompt=PROMPTS[:2], **common).images
+    if name == "tiny-wan":  # WanPipeline.__call__ takes no sigmas: its scheduler is handed them instead
+        set_timesteps = pipe.scheduler.set_timesteps
+        pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sigmas, device=device)
+        del common["sigmas"]
+        try:
+            return pipe(prompt=PROMPTS[:2], num_frames=FRAMES, max_sequence_length=models.TINY_TEXT_LEN, **common).frames
+        finally:
+            pipe.scheduler.set_timesteps = set_timesteps
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-wan", "tiny-qwenimage"])
+def test_eta0_sampling_equals_the_pipelines_own_call(name):
+    """sde.rollout with eta = 0 along sde.flow_sigmas (the model's shift) and models.predict is the pipeline's own
+    sampler (FlowMatchEulerDiscreteScheduler, same noise, schedule and guidance) over several steps."""
+    pipe = models.load_pipeline(name)
+    d = models.model_defaults(name)
+    assert pipe.scheduler.config.shift == d["shift"]  # the pipeline shifts the sigmas it is given by its own shift
+    cond = models.encode_prompts(pipe, PROMPTS[:2], "cpu")
+    x, steps = noise(pipe, name, 2), 4
+    sigmas = sde.flow_sigmas(steps, d["shift"])
+    with torch.no_grad():
+        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, d["guidance_scale"],
+                                                               H, W), x, sigmas, 0.0, "flow", None)
+        reference = _pipeline_call(pipe, name, x, steps, d["guidance_scale"])
+    torch.testing.assert_close(final, reference, atol=1e-5, rtol=1e-5)
+    assert (final - x).abs().mean() > 0.1  # it did move
+
+
+def test_qwenimage_template_prefix_is_dropped_and_padding_is_masked():
+    """QwenImagePipeline keeps the text encoder's states after the prompt template's prefix; shorter prompts of a
+    batch are zero-padded and masked, and the mask reaches the transformer (padding cannot change the prediction)."""
+    pipe = models.load_pipeline("tiny-qwenimage")
+    cond = models.encode_prompts(pipe, ["zebra", "a much longer prompt about a zebra"], "cpu")
+    mask = cond["prompt_embeds_mask"]
+    assert mask[1].all() and mask[0].sum() == len(pipe.tokenizer("zebra<|im_end|>\n<|im_start|>assistant\n").input_ids)
+    assert cond["prompt_embeds"][0, mask[0].sum():].abs().max() == 0
+    alone = models.encode_prompts(pipe, ["zebra"], "cpu")
+    x = noise(pipe, "tiny-qwenimage", 1)
+    with torch.no_grad():
+        padded = models.predict(pipe, x, torch.full([1], 0.7), {k: v[:1] for k, v in cond.items()}, 1.0, H, W)
+        single = models.predict(pipe, x, torch.full([1], 0.7), alone, 1.0, H, W)
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-5)
 
 
 def test_hunyuan_prompt_template_crop_keeps_only_the_prompt():
@@ -251,8 +309,17 @@ def test_model_defaults():
     assert (sky["shift"], sky["height"], sky["width"], sky["num_frames"], sky["guidance_scale"]) == \
         (7.0, 400, 640, 53, 5.0)
     for d in (flux, sd, hunyuan, sky):
-        assert d["lr"] == 1e-5
+        assert d["lr"] == 1e-5 and d.get("lora_rank", 0) == 0
+    sd35 = models.model_defaults("sd35")  # Flow-GRPO's pickscore_sd3 (config/grpo.py)
+    assert (sd35["num_steps"], sd35["guidance_scale"], sd35["height"], sd35["group_size"], sd35["lora_rank"]) == \
+        (10, 4.5, 512, 24, 32)
+    wan = models.model_defaults("wan")  # finetune_wan_2_1_grpo.sh
+    assert (wan["num_frames"], wan["height"], wan["num_steps"], wan["guidance_scale"], wan["group_size"]) == \
+        (1, 512, 20, 5.0, 12)
+    qwen = models.model_defaults("qwenimage")  # finetune_qwenimage_grpo.sh
+    assert (qwen["height"], qwen["num_steps"], qwen["shift"], qwen["guidance_scale"], qwen["iterations"]) == \
+        (720, 20, 3.0, 1.0, 300)
     for name in models.TINY:
         d = models.model_defaults(name)
         assert d["height"] == H and d["width"] == W and d["num_steps"] <= 10 and d["lr"] >= 1e-4
-        assert d.get("num_frames") == frames(name)
+        assert d.get("num_frames") == (1 if name == "tiny-wan" else frames(name))  # Wan: single frames by default

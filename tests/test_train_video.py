@@ -24,9 +24,10 @@ FIELDS = {"iteration", "reward_mean", "reward_std", "reward_brightness", "loss",
           "world_size"}
 
 
-@pytest.mark.parametrize("model, keep", [("tiny-hunyuan", 2), ("tiny-skyreels", 4)])
+@pytest.mark.parametrize("model, keep", [("tiny-hunyuan", 2), ("tiny-skyreels", 4), ("tiny-wan", 4)])
 def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
-    pipe, net = train_video.main(["--model", model, "--output_dir", str(tmp_path), "--keep", str(keep), *FAST])
+    frames = ["--num_frames", "9"]  # tiny-wan's default is one frame, as the official Wan script; here a video
+    pipe, net = train_video.main(["--model", model, "--output_dir", str(tmp_path), "--keep", str(keep), *FAST, *frames])
     rows = read_metrics(tmp_path)
     assert [r["iteration"] for r in rows] == [0, 1]
     assert FIELDS <= set(rows[0]) and all(v == v for r in rows for v in r.values())  # no NaN
@@ -40,12 +41,15 @@ def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
     assert gif.n_frames == 9 and gif.size == (128, 128)  # the tiny presets: 9 frames of 32 x 32, shown 4x
     assert Image.open(samples / "iter_000002.png").size == (8 * 128, 2 * 128)  # 8 frames a row, one row a video
     assert_checkpoint_holds(tmp_path / "checkpoint-000002", net)
+    loaded = type(net).from_pretrained(tmp_path / "checkpoint-000002" / "transformer").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())  # diffusers' own loader
 
 
-def test_tiny_hunyuan_learns_to_make_brighter_videos(tmp_path):
-    """The preset's defaults (8 sampled, 4 kept per prompt) in a 15-iteration run: the reward clearly rises
-    (the full 40-iteration preset goes from 0.643 to 0.702, first 5 vs last 5 iterations)."""
-    train_video.main(["--model", "tiny-hunyuan", "--reward", "brightness", "--output_dir", str(tmp_path),
+@pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-wan"])
+def test_tiny_preset_learns_to_make_brighter_videos(model, tmp_path):
+    """The preset's defaults (tiny-hunyuan: 8 sampled, 4 kept per prompt; tiny-wan: single frames) in a
+    15-iteration run: the reward clearly rises (full 40-iteration runs: README, Measured)."""
+    train_video.main(["--model", model, "--reward", "brightness", "--output_dir", str(tmp_path),
                       "--iterations", "15"])
     r = [row["reward_mean"] for row in read_metrics(tmp_path)]
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.02  # per-iteration noise is ~0.01
@@ -99,10 +103,11 @@ def test_the_first_frame_reaches_the_transformer_and_changes_the_video(tmp_path)
     assert (videos[0] - videos[1]).abs().mean() > 1e-3 and videos[0, 0].mean() < videos[1, 0].mean()
 
 
-def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
-    """SkyReels end to end (FLUX first frames, VAE conditioning, CFG): every seed is keyed by the group's global
-    index and FSDP averages gradients over ranks, so 2 ranks x 1 group train the weights of 1 rank x 2 groups."""
-    args = ["--model", "tiny-skyreels", "--reward", "brightness", "--iterations", "1", "--group_size", "2",
+@pytest.mark.parametrize("model", ["tiny-skyreels", "tiny-wan"])
+def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(model, tmp_path):
+    """SkyReels end to end (FLUX first frames, VAE conditioning, CFG), Wan (CFG): every seed is keyed by the group's
+    global index and FSDP averages gradients over ranks, so 2 ranks x 1 group train the weights of 1 rank x 2 groups."""
+    args = ["--model", model, "--reward", "brightness", "--iterations", "1", "--group_size", "2",
             "--num_steps", "4"]
     train_video.main([*args, "--prompts_per_rank", "2", "--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
@@ -115,11 +120,11 @@ def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
     assert abs(r1["reward_mean"] - r2["reward_mean"]) < 1e-5  # the same videos
     assert abs(r1["grad_norm"] - r2["grad_norm"]) < 1e-4 * r1["grad_norm"]  # the same gradient
     one, two = weights(tmp_path / "one" / "checkpoint-000001"), weights(tmp_path / "two" / "checkpoint-000001")
-    initial = models.trained_module(models.load_pipeline("tiny-skyreels")).state_dict()
+    initial = models.trained_module(models.load_pipeline(model)).state_dict()
     assert any(not torch.equal(two[k], initial[k]) for k in two)
     # the same AdamW step; where a gradient is ~0, Adam's g / (|g| + eps) magnifies float32 summation-order noise
     diff = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
-    assert (diff < 1e-6).float().mean() > 0.99 and diff.max() < 2 * 5e-4
+    assert (diff < 1e-6).float().mean() > 0.99 and diff.max() < 2 * models.model_defaults(model)["lr"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -128,6 +133,7 @@ def test_two_gloo_ranks_give_the_update_of_one_rank_with_both_groups(tmp_path):
     (["--keep", "10"], "--keep"),
     (["--first_frames", "/no/such/folder"], "--first_frames"),
     (["--model", "tiny-flux"], "--model"),
+    (["--model", "tiny-wan", "--num_frames", "6"], "--num_frames"),
     pytest.param(["--video_format", "mp4"], "imageio-ffmpeg", marks=pytest.mark.skipif(
         importlib.util.find_spec("imageio_ffmpeg") is not None, reason="MP4 export is available here")),
 ])
@@ -137,7 +143,7 @@ def test_bad_arguments_are_refused_with_one_line(flags, message, capsys):
     assert e.value.code != 0 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["hunyuan", "skyreels"])
+@pytest.mark.parametrize("model", ["hunyuan", "skyreels", "wan"])
 def test_real_model_without_weights_fails_fast_with_a_clear_message(model, tmp_path):
     with pytest.raises(SystemExit) as e:
         train_video.main(["--model", model, "--reward", "brightness", "--output_dir", str(tmp_path)])

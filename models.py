@@ -640,18 +640,21 @@ _TINY_LORA_LR = 3e-2
 
 def model_defaults(model, lora=False):
     """Official defaults for a real name (with its LoRA script's where `lora`); small CPU-friendly values (same
-    sampler settings) for a tiny preset. checkpoint_every None: at the end only."""
+    sampler settings) for a tiny preset. checkpoint_every None: at the end only. lora None: the model's own choice
+    (LoRA rank 32 for sd35, as Flow-GRPO; a full fine-tune otherwise), given as `lora_rank`."""
     family = FAMILY[model]
     real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels", "sd35": "sd35",
             "wan": "wan", "qwenimage": "qwenimage"}[family]
     d = dict(_DEFAULTS[real])
+    if lora is None:
+        lora = model not in TINY and d.get("lora_rank", 0) > 0
+    d["lora_rank"] = d.get("lora_rank", 0) if lora else 0
     if lora:
         d.update({"lr": 3e-4, **_LORA_DEFAULTS.get(real, {})})
     if model in TINY:  # tiny VAEs downsample 2x (FLUX, SD3.5, Qwen-Image) or 4x; SD's tiny UNet halves once more
         d.update(_TINY_DEFAULTS, size_multiple={"flux": 4, "sd": 8, "hunyuan": 8, "skyreels": 8, "sd35": 4, "wan": 8,
                                                 "qwenimage": 4}[family])
         d.pop("lora_alpha", None)
-        d.pop("lora_rank", None)  # tiny presets: a full fine-tune unless --lora_rank
         if family in ("hunyuan", "skyreels"):
             d.update(num_frames=9, keep=4 if family == "hunyuan" else None)
         if family == "skyreels":  # CFG 5 magnifies a weight change in the guided velocity: 3e-3 overshoots

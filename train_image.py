@@ -70,8 +70,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
                    help="samples of one group share their initial noise")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
-    p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank (peft); default: the model's "
-                                                 "(0; sd35: 32, as Flow-GRPO)")
+    p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank; default: the model's (sd35: 32)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
@@ -89,9 +88,7 @@ def parse_args(argv=None, parser=None):
     """Parse, fill the model's defaults, check. parser: build_parser(...) with more flags (train_video.py)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    if args.lora_rank is None:  # the model's: a full fine-tune, except sd35 (LoRA rank 32, as Flow-GRPO)
-        args.lora_rank = models.model_defaults(args.model).get("lora_rank", 0)
-    for key, value in models.model_defaults(args.model, lora=args.lora_rank > 0).items():  # official defaults fill
+    for key, value in models.model_defaults(args.model, lora=args.lora_rank and args.lora_rank > 0).items():  # fill
         if getattr(args, key, None) is None:                                                # what was not given
             setattr(args, key, value)
     if args.resolution:

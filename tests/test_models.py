@@ -310,7 +310,7 @@ def test_model_defaults():
         (7.0, 400, 640, 53, 5.0)
     for d in (flux, sd, hunyuan, sky):
         assert d["lr"] == 1e-5 and d.get("lora_rank", 0) == 0
-    sd35 = models.model_defaults("sd35")  # Flow-GRPO's pickscore_sd3 (config/grpo.py)
+    sd35 = models.model_defaults("sd35", lora=None)  # Flow-GRPO's pickscore_sd3 (config/grpo.py)
     assert (sd35["num_steps"], sd35["guidance_scale"], sd35["height"], sd35["group_size"], sd35["lora_rank"]) == \
         (10, 4.5, 512, 24, 32)
     wan = models.model_defaults("wan")  # finetune_wan_2_1_grpo.sh

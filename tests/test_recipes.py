@@ -96,6 +96,53 @@ RECIPES = {
              guidance_scale=5.0,            # --cfg_infer 5.0 (l.52)
              shift=7.0, timestep_fraction=0.6,  # (l.53, l.55)
              ema_decay=0.0)),
+    "finetune_wan_2_1_grpo.sh": (
+        (train_video, ["--model", "wan"]),
+        dict(prompts_per_rank=2,            # --train_batch_size 2 (l.24)
+             grad_accum=24,                 # --gradient_accumulation_steps 24 (l.29)
+             iterations=1000, lr=1e-5,      # --max_train_steps 1000, --learning_rate 1e-5 (l.30-31)
+             checkpoint_every=200,          # --checkpointing_steps 200 (l.33)
+             height=512, width=512, num_frames=1,  # --h 512 --w 512 --t 1 (l.37-39)
+             num_steps=20, eta=0.3,         # --sampling_steps 20, --eta 0.3 (l.40-41)
+             max_grad_norm=1.0, weight_decay=1e-4,  # (l.44-45)
+             reward="hps",                  # --use_hpsv2 (l.46)
+             group_size=12, shift=3.0,      # --num_generations 12, --shift 3 (l.47-48)
+             timestep_fraction=0.6, same_noise=True,  # (l.51-52)
+             clip_range=1e-4, adv_clip=5.0,  # (l.53-54)
+             guidance_scale=5.0,            # --cfg_infer 5.0 (l.55), in rollout and training
+             ema_decay=0.0, lora_rank=0)),  # --ema_decay parsed, never applied
+    "finetune_qwenimage_grpo.sh": (
+        (train_image, ["--model", "qwenimage"]),
+        dict(prompts_per_rank=2,            # --train_batch_size 2 (l.25)
+             grad_accum=12,                 # --gradient_accumulation_steps 12 (l.30)
+             iterations=300, lr=1e-5,       # --max_train_steps 300, --learning_rate 1e-5 (l.31-32)
+             checkpoint_every=60,           # --checkpointing_steps 60 (l.34)
+             guidance_scale=1.0,            # --cfg 0.0 (l.36): no CFG, no guidance embedding
+             resolution=720,                # --h 720 --w 720 (l.38-39)
+             num_steps=20, eta=0.3,         # (l.41-42)
+             max_grad_norm=1.0, weight_decay=1e-4,  # (l.45-46)
+             reward="hps",                  # --use_hpsv2 (l.47)
+             group_size=12, shift=3.0,      # (l.48-49)
+             timestep_fraction=0.6, same_noise=True,  # (l.52-53)
+             clip_range=1e-4, adv_clip=5.0,  # (l.54-55)
+             ema_decay=0.0, lora_rank=0)),  # no --use_ema
+    "Flow-GRPO config/grpo.py:pickscore_sd3 (yifan123/flow_grpo)": (
+        (train_image, ["--model", "sd35"]),
+        dict(num_steps=10,                  # config.sample.num_steps = 10 (grpo.py l.113)
+             guidance_scale=4.5,            # config.sample.guidance_scale = 4.5 (l.115), train.cfg (base.py l.82)
+             resolution=512,                # config.resolution = 512 (l.117)
+             group_size=24,                 # num_image_per_prompt = 24 (l.119)
+             prompts_per_rank=6,            # 48 prompts an epoch (l.120) over 8 ranks
+             micro_batch=9,                 # train.batch_size = 9 (l.124)
+             grad_accum=72,                 # two optimizer steps an epoch (l.125)
+             timestep_fraction=1.0,         # 0.99 of 10 steps = steps 0-8 (l.127; train_sd3.py l.345)
+             checkpoint_every=60,           # save_freq = 60 (l.131)
+             reward="pickscore",            # reward_fn pickscore (l.135)
+             lora_rank=32, lora_alpha=64.0,  # LoraConfig(r=32, lora_alpha=64) (train_sd3.py l.430-431)
+             lr=3e-4, weight_decay=1e-4,    # base.py l.63, l.69
+             max_grad_norm=1.0,             # base.py l.76
+             adv_clip=5.0, clip_range=1e-4,  # base.py l.84, l.86
+             keep_checkpoints=5)),          # num_checkpoint_limit = 5 (base.py l.19)
 }
 
 

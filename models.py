@@ -25,18 +25,17 @@ from transformers.utils import logging as transformers_logging
 # nothing here needs it, so those import-time warnings are silenced.
 _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
-from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, HunyuanSkyreelsImageToVideoPipeline,
-                       HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKLWan,
-                       WanPipeline, WanTransformer3DModel, AutoencoderKLQwenImage, QwenImagePipeline,
-                       QwenImageTransformer2DModel)
+from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLQwenImage, AutoencoderKLWan,
+                       DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
+                       QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel, WanPipeline, WanTransformer3DModel)
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from diffusers.utils.torch_utils import randn_tensor
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Config,
-                          T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig,
+                          LlamaModel, LlamaTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2Tokenizer, T5Config, T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)
 
 transformers_logging.set_verbosity(_verbosity)
 

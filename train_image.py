@@ -88,8 +88,9 @@ def parse_args(argv=None, parser=None):
     """Parse, fill the model's defaults, check. parser: build_parser(...) with more flags (train_video.py)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    for key, value in models.model_defaults(args.model, lora=args.lora_rank and args.lora_rank > 0).items():  # fill
-        if getattr(args, key, None) is None:                                                # what was not given
+    lora = None if args.lora_rank is None else args.lora_rank > 0  # None: the model's own choice (sd35: LoRA)
+    for key, value in models.model_defaults(args.model, lora).items():  # official defaults fill what was not given
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.resolution:
         args.height = args.width = args.resolution

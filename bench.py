@@ -57,6 +57,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
+import figures
 import grpo
 import models
 import rewards
@@ -193,7 +194,7 @@ def official_reward(pipe, scorers, specs, final, prompts, groups, args, folder):
         with autocast(final.device):
             image = models.decode(pipe, final[i:i + 1], args.height, args.width)  # [1, 3, H, W]
         path = Path(folder) / f"flux_0_{i}.png"
-        train_image.to_pil(image)[0].save(path)
+        figures.to_pil(image)[0].save(path)
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None] / 255.0
         scores.append(torch.stack([s(pixels.to(final.device), prompts[i:i + 1]).float() for s in scorers]))  # [K, 1]
     return advantages_and_steps(torch.cat(scores, 1), specs, groups, args)

@@ -11,6 +11,7 @@
   save(...)   all ranks call it (FSDP2 gathers the shards); rank 0 writes to a temporary folder and renames it
   find(args)  the checkpoint --resume names ('auto': the newest complete one)
   load(...)   weights, optimizer and EMA back into a (sharded) network; returns the iteration to start from
+  apply(...)  a checkpoint's weights (or its EMA) into a pipeline from models.load_pipeline, to sample with it
 Used by train_image.py, train_video.py and evaluate.py.
 """
 
@@ -152,3 +153,26 @@ def load(path, pipe, net, optimizer, args, ema=None) -> int:
         copy_params(ema, net)
     set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     return state["iteration"]
+
+
+def apply(pipe, folder, model, ema=None) -> str:
+    """Put checkpoint `folder`'s weights into `pipe`, a pipeline fresh from models.load_pipeline(model): a full
+    checkpoint replaces the trained network's weights; a LoRA one adds its adapters (named "checkpoint";
+    pipe.unload_lora_weights() takes them out again). ema: None uses the EMA where the checkpoint has one, True
+    requires it, False takes the raw weights. Returns which weights went in: "ema" or "raw"."""
+    folder = Path(folder)
+    if not (folder / "checkpoint.json").is_file():
+        raise SystemExit(f"error: {folder} is not a complete checkpoint (no checkpoint.json)")
+    meta = read_meta(folder)
+    if meta["model"] != model:
+        raise SystemExit(f"error: {folder} holds a {meta['model']} checkpoint, not {model}")
+    if ema and not meta["ema"]:
+        raise SystemExit(f"error: {folder} has no EMA weights (trained without --ema_decay); drop --ema")
+    suffix = "_ema" if meta["ema"] and ema is not False else ""
+    if meta["lora_rank"]:  # the file holds rank and alpha, so diffusers scales the adapters right
+        pipe.load_lora_weights(folder, weight_name=f"pytorch_lora_weights{suffix}.safetensors", adapter_name="checkpoint")
+    else:
+        from safetensors.torch import load_file
+        subfolder = ("unet" if models.FAMILY[model] == "sd" else "transformer") + suffix
+        models.trained_module(pipe).load_state_dict(load_file(folder / subfolder / "diffusion_pytorch_model.safetensors"))
+    return "ema" if suffix else "raw"

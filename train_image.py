@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import figures
 import grpo
 import models
 import rewards
@@ -452,36 +453,6 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def to_pil(images: torch.Tensor, min_size=128):
-    """[B, 3, H, W] in [0, 1] -> list of PIL images, tiny ones enlarged (nearest) to be seen."""
-    from diffusers.image_processor import VaeImageProcessor
-    pil = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.float().cpu()))
-    scale = max(1, -(-min_size // min(images.shape[-2:])))
-    return [im.resize((im.width * scale, im.height * scale), 0) for im in pil] if scale > 1 else pil
-
-
-def save_reward_curve(path, metrics: list[dict]):
-    """reward_mean against iteration as a PNG (PIL only, no matplotlib); skipped NaN rows are left out."""
-    from PIL import Image, ImageDraw
-    points = [(m["iteration"], m["reward_mean"]) for m in metrics if math.isfinite(m["reward_mean"])]
-    if not points:
-        return
-    w, h, pad = 640, 360, 50
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    x1, y1 = max(x1, x0 + 1), y1 if y1 > y0 else y0 + 1e-6
-    xy = [(pad + (w - 2 * pad) * (x - x0) / (x1 - x0), h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)) for x, y in points]
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([pad, pad, w - pad, h - pad], outline="gray")
-    d.line(xy if len(xy) > 1 else xy * 2, fill="blue", width=2)
-    d.text((pad, 15), "reward_mean per iteration", fill="black")
-    d.text((4, pad - 6), f"{y1:.4g}", fill="black")
-    d.text((4, h - pad - 6), f"{y0:.4g}", fill="black")
-    d.text((pad, h - pad + 8), str(x0), fill="black")
-    d.text((w - pad - 20, h - pad + 8), str(x1), fill="black")
-    img.save(path)
-
-
 def metrics_row(iteration, scores, specs, stats, t0, world, **extra) -> dict:
     """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), the
     update's statistics, throughput."""
@@ -506,7 +477,7 @@ def log_iteration(args, metrics_row, history, rank):
     history.append(metrics_row)
     with open(args.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics_row) + "\n")
-    save_reward_curve(args.output_dir / "reward_curve.png", history)
+    figures.reward_curve(args.output_dir / "reward_curve.png", history)
     tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
                f" | loss {metrics_row['loss']:+.3e} | clip {metrics_row['clip_fraction']:.2f}"
                f" | grad {metrics_row['grad_norm']:.3g} | {metrics_row['samples_per_s']:.2f} samples/s")
@@ -595,7 +566,7 @@ def save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, 
     with autocast(device):
         images = models.decode(pipe, final, args.height, args.width)
     if rank == 0:
-        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
+        make_image_grid(figures.to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
             args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")
 
 

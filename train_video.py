@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import figures
 import grpo
 import models
 import rewards
@@ -205,7 +206,7 @@ def save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank):
     if rank != 0:
         return
     stem = args.output_dir / "samples" / f"iter_{iteration + 1:06d}"
-    clips = [ti.to_pil(v) for v in videos]  # n lists of F PIL images
+    clips = [figures.to_pil(v) for v in videos]  # n lists of F PIL images
     for i, clip in enumerate(clips):
         if args.video_format == "mp4":
             export_to_video(clip, f"{stem}_{i}.mp4", fps=args.fps)

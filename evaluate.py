@@ -228,6 +228,9 @@ def held_out(pipe, evaluation, iteration, args, device, source=None) -> dict | N
     numbers as `evaluate.py --samples_per_prompt 1` on a checkpoint of this policy with the run's sampler settings."""
     if not evaluation or (iteration % args.eval_every and iteration != args.iterations):
         return None
+    if isinstance(source, dict):  # SkyReels with --first_frames: image i (cycled) for held-out prompt i
+        images = list(source.values())
+        source = {p: images[i % len(images)] for i, p in enumerate(evaluation["prompts"])}
     eval_args = copy.copy(args)
     eval_args.eta, eval_args.samples_per_prompt = 0.0, 1
     scores, _ = evaluate_policy(pipe, evaluation["prompts"], evaluation["scorers"], eval_args, device, source, "held-out")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import evaluate
 import figures
 import grpo
 import models
@@ -82,6 +83,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
+    evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
     return p
 
 
@@ -147,7 +149,7 @@ def check_args(args) -> str | None:
         rewards.parse_reward_spec(args.reward)
     except ValueError as e:
         return f"--reward: {e}"
-    return None
+    return evaluate.check_train_args(args)
 
 
 def read_prompts(path) -> list[str]:
@@ -471,13 +473,15 @@ def stop_if_stuck(skipped_in_a_row, args):
 
 
 def log_iteration(args, metrics_row, history, rank):
-    """metrics.jsonl gets every number; the terminal one line."""
-    if rank != 0:
+    """metrics.jsonl gets every number; the terminal one line. Held-out rows (evaluate.held_out) too."""
+    if rank != 0 or metrics_row is None:
         return
     history.append(metrics_row)
     with open(args.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics_row) + "\n")
     figures.reward_curve(args.output_dir / "reward_curve.png", history)
+    if "eval_reward_mean" in metrics_row:
+        return tqdm.write(f"eval {metrics_row['iteration']:4d} | held-out reward {metrics_row['eval_reward_mean']:.4f}")
     tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
                f" | loss {metrics_row['loss']:+.3e} | clip {metrics_row['clip_fraction']:.2f}"
                f" | grad {metrics_row['grad_norm']:.3g} | {metrics_row['samples_per_s']:.2f} samples/s")
@@ -510,6 +514,7 @@ def main(argv=None):
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
         scorers = rewards.build_scorers(specs, device)
+        evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     net, params, optimizer = prepare_policy(pipe, args, device)
@@ -524,6 +529,7 @@ def main(argv=None):
 
     skipped_in_a_row = 0
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
+        log_iteration(args, evaluate.held_out(pipe, evaluation, iteration, args, device), history, rank)  # when due
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
         groups = group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -553,6 +559,7 @@ def main(argv=None):
             save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
+    log_iteration(args, evaluate.held_out(pipe, evaluation, args.iterations, args, device), history, rank)
     return pipe, net
 
 

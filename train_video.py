@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import evaluate
 import figures
 import grpo
 import models
@@ -127,6 +128,7 @@ def main(argv=None):
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
         scorers = rewards.build_scorers(specs, device, video_fps=args.fps)
         source = first_frame_source(args, prompts, pipe, device) if i2v else None
+        evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     net, params, optimizer = ti.prepare_policy(pipe, args, device)
@@ -148,6 +150,7 @@ def main(argv=None):
 
     skipped = 0  # iterations in a row without an update
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
+        ti.log_iteration(args, evaluate.held_out(pipe, evaluation, iteration, args, device, source), history, rank)
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
         groups = ti.group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -190,6 +193,7 @@ def main(argv=None):
             save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
+    ti.log_iteration(args, evaluate.held_out(pipe, evaluation, args.iterations, args, device, source), history, rank)
     return pipe, net
 
 

@@ -2,6 +2,7 @@
 
   reward_curve   metrics.jsonl as a plot: training reward mean with a one-std band, held-out points
   side_by_side   evaluate.py's comparison: rows prompts, columns policies (videos: frame strips and a GIF/MP4)
+  sample_grid    train_image.py's samples/iter_N.png: fixed prompts and noise, deterministic sampler
   to_pil         tensors in [0, 1] as PIL images, tiny ones enlarged to be seen
 """
 
@@ -98,3 +99,19 @@ def side_by_side(path, cells: list[list[torch.Tensor]], labels: list[str], video
         clip = [grid(lambda c, t=t: c[t:t + 1]) for t in range(frames)]
         stem = str(path).rsplit(".", 1)[0]
         (export_to_video if video_format == "mp4" else export_to_gif)(clip, f"{stem}.{video_format}", fps=fps)
+
+
+@torch.no_grad()
+def sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank):
+    """samples/iter_<iteration + 1>.png: a row of fixed prompts from fixed noise, sampled deterministically
+    (eta = 0), the same picture at every save, so the grids show what training changed. All ranks call it."""
+    from diffusers.utils import make_image_grid
+    import models
+    import train_image as ti
+    cond = models.encode_prompts(pipe, fixed["prompts"], device)
+    _, _, final = ti.sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, kind, 0.0, args, None)
+    with ti.autocast(device):
+        images = models.decode(pipe, final, args.height, args.width)
+    if rank == 0:
+        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
+            args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")

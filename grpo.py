@@ -8,6 +8,8 @@
   sde_window                MixGRPO's sliding window of SDE (and trained) steps  arXiv 2507.21802
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
   gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
+  groups_without_spread     fraction of groups whose rewards are all equal (no gradient)
+  update_health             approx_kl (k3) and, per sampling step, mean |r - 1| and the clipped fraction
 
 Every function depends on torch and math only and may be copied on its own.
 """
@@ -159,3 +161,31 @@ def gaussian_kl(mean, ref_mean, std):
     reference policy (as Flow-GRPO adds); DanceGRPO trains without it. Returns Tensor[B]."""
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def groups_without_spread(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of prompt groups whose rewards are all equal, for every reward: their advantages are 0
+    and they give no gradient. rewards: Tensor[N] or [K, N]. A rising value warns of a saturated or
+    binary reward (every sample passes, or none does) or of samples that no longer differ (collapse)."""
+    rows = rewards if rewards.ndim == 2 else rewards[None]  # [K, N]
+    _check_groups(rows.shape[1], group_size)
+    r = rows.reshape(rows.shape[0], -1, group_size)  # [K, P, G]
+    return (r == r[..., :1]).all(dim=2).all(dim=0).float().mean().item()
+
+
+def update_health(ratios, steps, num_steps: int, clip_range: float) -> dict:
+    """How far one iteration's updates moved the policy, from the ratios r = p_new / p_old of its
+    trained (sample, step) pairs. ratios: Tensor[M]; steps: LongTensor[M], each pair's step index.
+
+      approx_kl              mean((r - 1) - log r): the k3 estimator of KL(old || new) for pairs drawn
+                             from the old policy (Schulman, "Approximating KL Divergence", 2020); >= 0
+      ratio_by_step          [num_steps] mean |r - 1| of the pairs at each step index, None where none
+      clip_fraction_by_step  [num_steps] fraction of them with |r - 1| > clip_range, None where none
+    """
+    ratios, steps = ratios.detach().double().flatten().cpu(), steps.flatten().cpu()
+    kl = ((ratios - 1) - torch.log(ratios)).mean().item() if len(ratios) else None
+    by_step, clipped = [None] * num_steps, [None] * num_steps
+    for t in steps.unique().tolist():
+        r = ratios[steps == t]
+        by_step[t], clipped[t] = (r - 1).abs().mean().item(), ((r - 1).abs() > clip_range).double().mean().item()
+    return dict(approx_kl=kl, ratio_by_step=by_step, clip_fraction_by_step=clipped)

@@ -16,6 +16,8 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
     Wan        [B, C, f, h, w]              (f = (frames - 1) / 4 + 1; one frame by default, as the official script)
     SkyReels   [B, C, f, h, w]              (the first-frame image latents are concatenated inside predict())
 """
+import contextlib
+import copy
 import string
 
 import torch
@@ -115,6 +117,26 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
 def trained_module(pipe):
     """The network GRPO fine-tunes: the UNet for SD, the transformer otherwise."""
     return pipe.unet if isinstance(pipe, StableDiffusionPipeline) else pipe.transformer
+
+
+def frozen_copy(pipe, device):
+    """A frozen copy of the trained network as it is now (the initial policy, for the optional KL term of a full
+    fine-tune): a second set of weights, bf16 on CUDA (FLUX 24 GB, HunyuanVideo 26 GB on every GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else trained_module(pipe).dtype
+    return copy.deepcopy(trained_module(pipe)).requires_grad_(False).to(device, dtype).eval()
+
+
+@contextlib.contextmanager
+def reference_policy(pipe, frozen=None):
+    """Inside it, predict() runs the frozen initial policy, the KL term's reference: a LoRA run switches its
+    adapters off (the base is the initial policy, as Flow-GRPO's disable_adapter()); a full fine-tune swaps in
+    `frozen` (frozen_copy, made before training)."""
+    net, name = trained_module(pipe), "unet" if isinstance(pipe, StableDiffusionPipeline) else "transformer"
+    net.disable_adapters() if frozen is None else setattr(pipe, name, frozen)
+    try:
+        yield
+    finally:
+        net.enable_adapters() if frozen is None else setattr(pipe, name, net)
 
 
 def _family(pipe):

@@ -73,6 +73,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="samples of one group share their initial noise")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank; default: the model's (sd35: 32)")
+    p.add_argument("--kl_coef", type=float, default=0.0, help="beta of a KL penalty toward the initial policy "
+                   "(Flow-GRPO's; 0 = off, as the paper); LoRA: the base, full fine-tunes: a frozen copy")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
@@ -129,7 +131,7 @@ def check_args(args) -> str | None:
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
-    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints"):
+    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints", "kl_coef"):
         if getattr(args, name) < 0:
             return f"--{name} must be >= 0, got {getattr(args, name)}"
     if args.shift is not None and args.shift <= 0 or args.max_grad_norm <= 0 or args.lora_rank and args.lora_alpha <= 0:
@@ -379,11 +381,12 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
     """Backward of the clipped loss (Eq. 3) averaged over the given (sample, timestep) pairs, in
     micro-batches of `micro_batch` pairs, each a single batched forward at per-sample timesteps.
 
-    pair_sample, pair_step: LongTensor[P]. Returns (loss, ratios [P]); gradients accumulate in .grad.
+    With --kl_coef, beta KL(policy || initial policy) is added per pair (Flow-GRPO's KL loss).
+    pair_sample, pair_step: LongTensor[P]. Returns (loss, ratios [P], KL); gradients accumulate in .grad.
     """
     step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
     schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
-    total_loss, ratios = 0.0, []
+    total_loss, ratios, total_kl = 0.0, [], 0.0
     for start in progress_range(0, len(pair_sample), args.micro_batch, "update"):
         b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]  # [m]
         x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)  # [m, ...]
@@ -391,13 +394,19 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
         extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
         with autocast(device):
             out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
-        _, log_prob, _, _ = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
+        _, log_prob, mean, std = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
         old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
-        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"]) * len(b) / len(pair_sample)
+        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"])
+        if args.kl_coef:  # the same step under the frozen initial policy: its mean, the same std
+            with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), autocast(device):
+                ref = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
+            kl = grpo.gaussian_kl(mean, step_fn(ref, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)[2], std).mean()
+            loss, total_kl = loss + args.kl_coef * kl, total_kl + kl.item() * len(b) / len(pair_sample)
+        loss = loss * len(b) / len(pair_sample)
         loss.backward()
         total_loss += loss.item()
         ratios.append(torch.exp(log_prob.detach() - old_log_prob))
-    return total_loss, torch.cat(ratios)
+    return total_loss, torch.cat(ratios), total_kl
 
 
 def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
@@ -411,16 +420,21 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     official FLUX script's EMA). Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
-    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
+    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0,
+             "kl_to_initial": 0.0 if args.kl_coef else None}
+    all_ratios, all_steps = [], []
     num_updates = math.ceil(n / args.grad_accum)
     net.train()
     for u in range(num_updates):
         samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
         pair_sample, pair_step = samples.repeat_interleave(k), batch["steps"][samples].flatten()  # [P], [P]
-        loss, ratios = accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device)
+        loss, ratios, kl = accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device)
+        all_ratios, all_steps = all_ratios + [ratios], all_steps + [pair_step]
         if u == 0:  # before the first step the policy is the rollout's: r = 1 up to numerics
             stats["first_ratio_error"] = (ratios - 1).abs().max().item()
         stats["loss"] += loss / num_updates
+        if args.kl_coef:
+            stats["kl_to_initial"] += kl / num_updates
         stats["clip_fraction"] += ((ratios - 1).abs() > args.clip_range).float().mean().item() / num_updates
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -433,7 +447,7 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     if ema is not None:  # Polyak average once per iteration: ema <- decay * ema + (1 - decay) * weights
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
     net.eval()
-    return stats
+    return {**stats, **grpo.update_health(torch.cat(all_ratios), torch.cat(all_steps), args.num_steps, args.clip_range)}
 
 
 def update_or_skip(pipe, net, params, optimizer, batch, args, device, ema=None) -> dict:
@@ -441,7 +455,8 @@ def update_or_skip(pipe, net, params, optimizer, batch, args, device, ema=None) 
     then no rank updates (they must agree, FSDP's collectives run in lockstep)."""
     if all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
         return policy_update(pipe, net, params, optimizer, batch, args, device, ema)
-    return dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1)
+    return dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1,
+                kl_to_initial=None, **grpo.update_health(torch.ones(0), torch.zeros(0, dtype=torch.long), args.num_steps, 1.0))
 
 
 # ----------------------------------------------------------------------------- 6. log and save
@@ -455,14 +470,15 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def metrics_row(iteration, scores, specs, stats, t0, world, **extra) -> dict:
-    """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), the
-    update's statistics, throughput."""
+def metrics_row(iteration, scores, specs, stats, t0, world, group_size, **extra) -> dict:
+    """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), groups without
+    spread, the update's statistics and health figures (rank 0's), throughput."""
     all_scores = gather(scores.T.contiguous()).T  # [K, N * world]
     total = sum(s.weight * r for s, r in zip(specs, all_scores))
     seconds = time.time() - t0
     return dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
                 **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats, **extra,
+                groups_without_spread=grpo.groups_without_spread(all_scores, group_size),
                 samples_per_s=all_scores.shape[1] / seconds, time_s=seconds, world_size=world)
 
 
@@ -517,6 +533,7 @@ def main(argv=None):
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
+    reference = models.frozen_copy(pipe, device) if args.kl_coef and not args.lora_rank else None  # KL to the start
     net, params, optimizer = prepare_policy(pipe, args, device)
     ema = [p.detach().clone() for p in params] if args.ema_decay else None
     schedule, model_t, kind = schedule_for(pipe, args)
@@ -548,33 +565,19 @@ def main(argv=None):
 
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[s.weight for s in specs],
-                     steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind=kind, extra=None)
+                     steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind=kind, extra=None, reference=reference)
         stats = update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, world), history, rank)
+        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, world, args.group_size), history, rank)
         stop_if_stuck(skipped_in_a_row, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
-            save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
+            figures.sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
     log_iteration(args, evaluate.held_out(pipe, evaluation, args.iterations, args, device), history, rank)
     return pipe, net
-
-
-@torch.no_grad()
-def save_samples(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank):
-    """A grid of fixed prompts and fixed noise, sampled deterministically (eta = 0): the same
-    picture at every save, so the grids show what training changed."""
-    from diffusers.utils import make_image_grid
-    cond = models.encode_prompts(pipe, fixed["prompts"], device)
-    _, _, final = sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, kind, 0.0, args, None)
-    with autocast(device):
-        images = models.decode(pipe, final, args.height, args.width)
-    if rank == 0:
-        make_image_grid(figures.to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
-            args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def main(argv=None):
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
+    reference = models.frozen_copy(pipe, device) if args.kl_coef and not args.lora_rank else None  # KL to the start
     net, params, optimizer = ti.prepare_policy(pipe, args, device)
     ema = [p.detach().clone() for p in params] if args.ema_decay else None  # --ema_decay (0 = off)
     if device.type == "cuda":
@@ -180,12 +181,12 @@ def main(argv=None):
         # 5. policy update on the kept samples' selected timesteps
         batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[:, kept], weights=weights, steps=steps,
                      cond={k: v[kept] for k, v in cond.items()}, schedule=schedule, model_t=model_t, kind=kind,
-                     extra={k: v[kept] for k, v in extra.items()} if extra else None)
+                     extra={k: v[kept] for k, v in extra.items()} if extra else None, reference=reference)
         stats = ti.update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped = skipped + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        row = ti.metrics_row(iteration, scores, specs, stats, t0, world,
+        row = ti.metrics_row(iteration, scores, specs, stats, t0, world, G,
                              sampled_samples=len(final) * world, trained_samples=len(kept) * world)
         ti.log_iteration(args, row, history, rank)
         ti.stop_if_stuck(skipped, args)

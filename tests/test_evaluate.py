@@ -60,10 +60,14 @@ def test_full_checkpoint_beats_the_base_and_prints_one_json_line(full_run, tmp_p
 
 
 def test_lora_checkpoint_beats_the_base(tmp_path, capsys):
+    """A tiny SD LoRA (the UNet's attention adapters, DDIM at eta 0): adapters loaded for its column, unloaded after."""
     run = tmp_path / "lora"
-    train_image.main(["--model", "tiny-flux", "--output_dir", str(run), *TRAIN, "--lr", "1e-2", "--lora_rank", "4"])
+    train_image.main(["--model", "tiny-sd", "--output_dir", str(run), *TRAIN, "--lora_rank", "4"])
     means = evaluate.main(["--checkpoint", str(run / "checkpoint-000004"), *EVAL, "--output_dir", str(tmp_path / "e")])
-    assert means["checkpoint-000004"]["brightness"] > means["base"]["brightness"] + 0.005
+    results = json.loads((tmp_path / "e" / "results.json").read_text())["policies"]["checkpoint-000004"]
+    assert means["checkpoint-000004"]["brightness"] > means["base"]["brightness"] and results["win_rate"]["brightness"] > 0.5
+    eval_rows = [r for r in read_metrics(run) if "eval_reward_mean" in r]  # training saw the same on held-out prompts
+    assert eval_rows[-1]["eval_reward_mean"] > eval_rows[0]["eval_reward_mean"]
 
 
 def test_tiny_video_checkpoint_beats_the_base(tmp_path, capsys):
@@ -154,3 +158,26 @@ def test_reward_curve_draws_the_band_the_mean_and_held_out_points(tmp_path):
     assert {figures.TRAIN, figures.BAND, figures.HELD_OUT} <= colors
     figures.reward_curve(tmp_path / "none.png", [dict(iteration=0, reward_mean=float("nan"), reward_std=0.0)])
     assert not (tmp_path / "none.png").exists()  # nothing to plot, nothing written
+
+
+def test_two_gloo_ranks_split_the_prompts_and_report_what_one_rank_does(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import free_port
+    root = Path(__file__).resolve().parent.parent
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red door\na green hill\na blue boat\n")  # 3 prompts on 2 ranks: one rank pads
+    args = ["--model", "tiny-flux", "--reward", "brightness", "--prompts", str(prompts), "--num_steps", "3"]
+    one = evaluate.main([*args, "--output_dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(root / "evaluate.py"), *args, "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(result.stdout.strip().splitlines()[-1])
+    assert two.keys() == one.keys() and two["base"]["brightness"] == pytest.approx(one["base"]["brightness"], abs=1e-6)
+    a, b = [json.loads((tmp_path / d / "results.json").read_text())["policies"]["base"]["scores"]["brightness"]
+            for d in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-6)

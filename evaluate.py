@@ -133,7 +133,8 @@ def sample_and_score(pipe, prompts, indices, scorers, args, device, source=None,
     the rank that draws it. Returns scores [K, len(indices), S] and the first sample of each prompt [len(indices),
     (F,) 3, H, W] on the CPU."""
     schedule, model_t, kind = ti.schedule_for(pipe, args)
-    S, per_call, frames = args.samples_per_prompt, max(1, args.micro_batch // args.samples_per_prompt), getattr(args, "num_frames", None)
+    S, frames = args.samples_per_prompt, getattr(args, "num_frames", None)
+    per_call = max(1, args.micro_batch // S)  # prompts per network call
     scores, firsts = [], []
     for start in range(0, len(indices), per_call):
         chunk = indices[start:start + per_call]
@@ -143,7 +144,8 @@ def sample_and_score(pipe, prompts, indices, scorers, args, device, source=None,
         cond, extra = models.encode_prompts(pipe, batch_prompts, device), None
         if source is not None:  # SkyReels: one first frame per prompt, shared by its S samples
             import train_video
-            images = train_video.first_frames(source, [prompts[i] for i in chunk], [(args.seed, i, 3) for i in chunk], args, device)
+            images = train_video.first_frames(source, [prompts[i] for i in chunk], [(args.seed, i, 3) for i in chunk],
+                                              args, device)
             extra = train_video.image_condition(pipe, images, [(args.seed, i, 4) for i in chunk], frames, S)
         generators = [ti.seeded(args.seed, i, 1, device=device) for i in chunk]
         _, _, final = ti.sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, generators, extra)
@@ -275,7 +277,8 @@ def main(argv=None) -> dict:
     runs = {"base": (None, "base", *evaluate_policy(pipe, prompts, scorers, args, device, source, "base"))}
     for i in order:
         weights = checkpoint.apply(pipe, args.checkpoint[i], args.model, args.ema)
-        runs[names[i]] = (str(args.checkpoint[i]), weights, *evaluate_policy(pipe, prompts, scorers, args, device, source, names[i]))
+        scores, firsts = evaluate_policy(pipe, prompts, scorers, args, device, source, names[i])
+        runs[names[i]] = (str(args.checkpoint[i]), weights, scores, firsts)
         if checkpoint.read_meta(args.checkpoint[i])["lora_rank"]:
             pipe.unload_lora_weights()
     if rank != 0:

@@ -397,7 +397,7 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
         _, log_prob, mean, std = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
         old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
         loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"])
-        if args.kl_coef:  # the same step under the frozen initial policy: its mean, the same std
+        if args.kl_coef:  # deviation (opt-in, as Flow-GRPO): the step under the frozen initial policy, same std
             with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), autocast(device):
                 ref = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
             kl = grpo.gaussian_kl(mean, step_fn(ref, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)[2], std).mean()

@@ -73,8 +73,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="samples of one group share their initial noise")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank; default: the model's (sd35: 32)")
-    p.add_argument("--kl_coef", type=float, default=0.0, help="beta of a KL penalty toward the initial policy "
-                   "(Flow-GRPO's; 0 = off, as the paper); LoRA: the base, full fine-tunes: a frozen copy")
+    p.add_argument("--kl_coef", type=float, default=0.0, help="KL toward the initial policy (Flow-GRPO's beta; 0 = off)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
@@ -420,21 +419,18 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     official FLUX script's EMA). Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
-    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0,
-             "kl_to_initial": 0.0 if args.kl_coef else None}
-    all_ratios, all_steps = [], []
+    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
+    all_ratios, all_steps, all_kl = [], [], []  # for the health figures
     num_updates = math.ceil(n / args.grad_accum)
     net.train()
     for u in range(num_updates):
         samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
         pair_sample, pair_step = samples.repeat_interleave(k), batch["steps"][samples].flatten()  # [P], [P]
         loss, ratios, kl = accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device)
-        all_ratios, all_steps = all_ratios + [ratios], all_steps + [pair_step]
+        all_ratios, all_steps, all_kl = all_ratios + [ratios], all_steps + [pair_step], all_kl + [kl]
         if u == 0:  # before the first step the policy is the rollout's: r = 1 up to numerics
             stats["first_ratio_error"] = (ratios - 1).abs().max().item()
         stats["loss"] += loss / num_updates
-        if args.kl_coef:
-            stats["kl_to_initial"] += kl / num_updates
         stats["clip_fraction"] += ((ratios - 1).abs() > args.clip_range).float().mean().item() / num_updates
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -447,7 +443,8 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     if ema is not None:  # Polyak average once per iteration: ema <- decay * ema + (1 - decay) * weights
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
     net.eval()
-    return {**stats, **grpo.update_health(torch.cat(all_ratios), torch.cat(all_steps), args.num_steps, args.clip_range)}
+    health = grpo.update_health(torch.cat(all_ratios), torch.cat(all_steps), args.num_steps, args.clip_range)
+    return {**stats, **health, "kl_to_initial": sum(all_kl) / num_updates if args.kl_coef else None}
 
 
 def update_or_skip(pipe, net, params, optimizer, batch, args, device, ema=None) -> dict:

@@ -225,10 +225,11 @@ def for_training(args, specs, scorers, device) -> dict | None:
     return dict(prompts=prompts, specs=specs, scorers=scorers)
 
 
-def held_out(pipe, evaluation, iteration, args, device, source=None) -> dict | None:
+def held_out(pipe, evaluation, iteration, args, device, history, rank, source=None) -> dict | None:
     """After `iteration` updates, when due (every --eval_every and at the end): the policy's held-out rewards as a
-    metrics.jsonl row {iteration, eval_reward_mean (weighted sum), eval_reward_<name> each}, or None. The same
-    numbers as `evaluate.py --samples_per_prompt 1` on a checkpoint of this policy with the run's sampler settings."""
+    metrics.jsonl row {iteration, eval_reward_mean (weighted sum), eval_reward_<name> each}, logged with
+    train_image.log_iteration and returned; else None. All ranks call it. The same numbers as
+    `evaluate.py --samples_per_prompt 1` on a checkpoint of this policy with the run's sampler settings."""
     if not evaluation or (iteration % args.eval_every and iteration != args.iterations):
         return None
     if isinstance(source, dict):  # SkyReels with --first_frames: image i (cycled) for held-out prompt i
@@ -238,8 +239,10 @@ def held_out(pipe, evaluation, iteration, args, device, source=None) -> dict | N
     eval_args.eta, eval_args.samples_per_prompt = 0.0, 1
     scores, _ = evaluate_policy(pipe, evaluation["prompts"], evaluation["scorers"], eval_args, device, source, "held-out")
     means = scores.mean(dim=(1, 2))  # [K]
-    return dict(iteration=iteration, eval_reward_mean=sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item(),
-                **{f"eval_reward_{label(s)}": m.item() for s, m in zip(evaluation["specs"], means)})
+    row = dict(iteration=iteration, eval_reward_mean=sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item(),
+               **{f"eval_reward_{label(s)}": m.item() for s, m in zip(evaluation["specs"], means)})
+    ti.log_iteration(args, row, history, rank)
+    return row
 
 
 # ----------------------------------------------------------------------------- main

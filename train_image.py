@@ -487,7 +487,7 @@ def stop_if_stuck(skipped_in_a_row, args):
 
 def log_iteration(args, metrics_row, history, rank):
     """metrics.jsonl gets every number; the terminal one line. Held-out rows (evaluate.held_out) too."""
-    if rank != 0 or metrics_row is None:
+    if rank != 0:
         return
     history.append(metrics_row)
     with open(args.output_dir / "metrics.jsonl", "a") as f:
@@ -543,7 +543,7 @@ def main(argv=None):
 
     skipped_in_a_row = 0
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
-        log_iteration(args, evaluate.held_out(pipe, evaluation, iteration, args, device), history, rank)  # when due
+        evaluate.held_out(pipe, evaluation, iteration, args, device, history, rank)  # held-out rewards, when due
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
         groups = group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -573,7 +573,7 @@ def main(argv=None):
             figures.sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
-    log_iteration(args, evaluate.held_out(pipe, evaluation, args.iterations, args, device), history, rank)
+    evaluate.held_out(pipe, evaluation, args.iterations, args, device, history, rank)
     return pipe, net
 
 

@@ -151,7 +151,7 @@ def main(argv=None):
 
     skipped = 0  # iterations in a row without an update
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
-        ti.log_iteration(args, evaluate.held_out(pipe, evaluation, iteration, args, device, source), history, rank)
+        evaluate.held_out(pipe, evaluation, iteration, args, device, history, rank, source)  # when due
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
         groups = ti.group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -194,7 +194,7 @@ def main(argv=None):
             save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
-    ti.log_iteration(args, evaluate.held_out(pipe, evaluation, args.iterations, args, device, source), history, rank)
+    evaluate.held_out(pipe, evaluation, args.iterations, args, device, history, rank, source)
     return pipe, net
 
 

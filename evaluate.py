@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     pipe.to(device)
-    if device.type == "cuda" and models.FAMILY[args.model] in ("hunyuan", "skyreels"):
+    if device.type == "cuda" and args.num_frames:  # video models decode in tiles, as train_video.py
         pipe.vae.enable_tiling()
 
     # base first, then LoRA checkpoints (adapters on the base, unloaded after), then full ones (they replace it)

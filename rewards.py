@@ -11,6 +11,8 @@
 | pickscore | PickScore v1 (CLIP ViT-H-14) | DANCEGRPO_PICKSCORE_PATH: yuvalkirstain/PickScore_v1 | 100 x cosine, ~18-23 |
 | videoalign_vq/_mq/_ta | VideoReward (Qwen2-VL-2B + reward head) | DANCEGRPO_VIDEOALIGN_PATH: KwaiVGI/VideoReward; | z-scored, see below |
 | | | DANCEGRPO_QWEN2VL_PATH: Qwen/Qwen2-VL-2B-Instruct (config, tokenizer) | |
+| hpsv3 | HPSv3 (Qwen2-VL-7B + MLP head) | DANCEGRPO_HPSV3_PATH: MizzenAI/HPSv3 HPSv3.safetensors; | mu of (mu, sigma), see below |
+| | | DANCEGRPO_HPSV3_BASE: Qwen/Qwen2-VL-7B-Instruct (config, tokenizer) | |
 | brightness | none: mean Rec. 601 luma | - | [0, 1] |
 | jpeg_compressibility | none: -(JPEG size in kB at quality 95), as DDPO | - | negative kB |
 
@@ -23,10 +25,12 @@ constructing a reward fails at once naming the variable to set (or `hf download 
 VideoAlign reports (raw - mean) / std with the mean/std of its model_config.json
 (VQ 3.6757/2.2476, MQ 1.1646/1.3811, TA 2.8105/2.5121), as the official wrapper with use_norm=True;
 like the released model's own forward it runs Qwen2-VL with plain positions 0..L-1 (no M-RoPE).
+HPSv3 reports mu, the first of its head's (mu, sigma) at <|Reward|>, on the image resized to
+256*28*28 pixels, as its inference.py and DanceGRPO's scripts ([:, 0]); plain positions too.
 A reward model that errors raises; a non-finite score raises FloatingPointError.
 deviation: preprocessing runs in torch on the device (bicubic with antialias on the 8-bit-rounded
 input) instead of PIL images and mp4 files written to disk; the numbers differ by resampling and
-video-codec noise only. Models run in float32 (VideoAlign: bfloat16 on GPU) with LoRA merged into
+video-codec noise only. Models run in float32 (VideoAlign, HPSv3: bfloat16 on GPU) with LoRA merged into
 the weights, outside the training autocast (the official FLUX script runs HPS under fp16 autocast). Image rewards score a video as the mean over its frames (an extension).
 """
 

@@ -344,7 +344,8 @@ def qwen2vl_pixels(x, size):
 
 def videoalign_state_dict(state_dict, lora_scale):
     """The released checkpoint (a PEFT-wrapped Qwen2VLRewardModelBT, transformers-4.4x names) ->
-    Qwen2VLModel keys plus `rm_head.weight`, with each LoRA merged: W = W0 + scale * B @ A."""
+    Qwen2VLModel keys plus `rm_head.*`, with each LoRA merged: W = W0 + scale * B @ A. Also reads
+    HPSv3's (no LoRA; either transformers layout)."""
     out, lora = {}, {}
     for key, w in state_dict.items():
         key = key.removeprefix("base_model.model.")
@@ -466,8 +467,11 @@ def _videoalign(device, dim, path=None, base=None, fps=8.0, dtype=None):
 # ---------------------------------------------------------------- HPSv3 (Qwen2-VL-7B + MLP head)
 
 # HPSv3's INSTRUCTION and prompt_with_special_token (hpsv3/dataset/data_collator_qwen.py, imported by
-# hpsv3/inference.py:7), verbatim: they are model input, trailing spaces included. The MizzenAI/HPSv3
-# mirror holds only the project page; this text was read from two stored copies of that file, which agree.
+# hpsv3/inference.py:7), verbatim: they are model input, trailing spaces included. Read at MizzenAI/HPSv3
+# 72b7eba (inference.py) and d232ff8 (model/qwen2vl_trainer.py, train.py, config/HPSv3_7B.yaml); the
+# repository's own data_collator_qwen.py was not among the stored sources: this text is from two stored
+# copies of that file, which agree. Its process_vision_info (hpsv3/dataset/utils.py, not stored either) is
+# taken to be qwen-vl-utils' fetch_image (a pyproject dependency): smart_resize, then a PIL resize.
 HPSV3_PROMPT = """
 You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. 
 
@@ -505,19 +509,17 @@ def hpsv3_head(hidden, out_dim):
                                torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, out_dim))
 
 
-def _hpsv3_checkpoint(path):
-    """HPSv3.safetensors (the released file) or a torch state dict (.pth, read with weights_only=True:
-    no pickled code runs), either the file or the folder holding it; unwrapped from {"model": ...}."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.pth")))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{path} should hold one HPSv3 checkpoint (HPSv3.safetensors), found {files}")
-        path = files[0]
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return state.get("model", state)
+def _hpsv3_file(path):
+    """The checkpoint file: `path` itself, or in the folder `path` HPSv3.safetensors, else its one
+    *.safetensors or *.pth (a torch state dict as hpsv3/train.py saves, possibly under "model")."""
+    if not os.path.isdir(path):
+        return path
+    files = glob.glob(os.path.join(path, "HPSv3.safetensors")) or \
+        sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.pth")))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{path} (DANCEGRPO_HPSV3_PATH) should hold one HPSv3 checkpoint "
+                                f"(HPSv3.safetensors), found {files}")
+    return files[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -525,7 +527,13 @@ def _load_hpsv3(path, base, device, dtype):
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
     # Qwen2VLForConditionalGeneration names of either transformers layout -> Qwen2VLModel's, lm_head dropped
     # (no LoRA in HPSv3_7B.yaml, so nothing is merged)
-    state = videoalign_state_dict(_hpsv3_checkpoint(path), lora_scale=0.0)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:  # weights_only: no pickled code runs
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = state.get("model", state)
+    state = videoalign_state_dict(state, lora_scale=0.0)
     head_state = {k.removeprefix("rm_head."): state.pop(k) for k in list(state) if k.startswith("rm_head.")}
     tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
     tok.add_tokens([HPSV3_TOKEN], special_tokens=True)  # as hpsv3/train.py create_model_and_processor
@@ -562,7 +570,7 @@ def hpsv3_inputs(images, prompts, tok, vision_config):
 def hpsv3(device, path=None, base=None, dtype=None):
     """HPSv3's mu, the first of the head's (mu, sigma) at <|Reward|>: what hpsv3/inference.py's reward()
     returns in column 0 and DanceGRPO keeps (train_grpo_qwenimage.py:390-394, hps_score[:, 0])."""
-    path = _weights(path, "DANCEGRPO_HPSV3_PATH", "MizzenAI/HPSv3", "HPSv3.safetensors")
+    path = _hpsv3_file(_weights(path, "DANCEGRPO_HPSV3_PATH", "MizzenAI/HPSv3", "HPSv3.safetensors"))
     base = _weights(base, "DANCEGRPO_HPSV3_BASE", "Qwen/Qwen2-VL-7B-Instruct")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # HPSv3_7B.yaml: bf16

@@ -543,6 +543,8 @@ def test_hpsv3_resizes_to_its_pixel_budget_and_reads_both_key_layouts(hpsv3_dirs
     torch.testing.assert_close(rewards.REWARDS["hpsv3"]("cpu", path=str(tmp_path / "HPSv3.safetensors"), base=base)(
         images, ["a cat", "a dog"]), new)
     assert not torch.allclose(new[0], new[1])
+    with pytest.raises(FileNotFoundError, match="DANCEGRPO_HPSV3_PATH"):  # a folder without a checkpoint fails at once
+        rewards.REWARDS["hpsv3"]("cpu", path=base, base=base)
 
 
 def test_hpsv3_prompt_is_the_official_text():

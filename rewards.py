@@ -11,6 +11,8 @@
 | pickscore | PickScore v1 (CLIP ViT-H-14) | DANCEGRPO_PICKSCORE_PATH: yuvalkirstain/PickScore_v1 | 100 x cosine, ~18-23 |
 | videoalign_vq/_mq/_ta | VideoReward (Qwen2-VL-2B + reward head) | DANCEGRPO_VIDEOALIGN_PATH: KwaiVGI/VideoReward; | z-scored, see below |
 | | | DANCEGRPO_QWEN2VL_PATH: Qwen/Qwen2-VL-2B-Instruct (config, tokenizer) | |
+| hpsv3 | HPSv3 (Qwen2-VL-7B + MLP head) | DANCEGRPO_HPSV3_PATH: MizzenAI/HPSv3 HPSv3.safetensors; | mu of (mu, sigma), see below |
+| | | DANCEGRPO_HPSV3_BASE: Qwen/Qwen2-VL-7B-Instruct (config, tokenizer) | |
 | brightness | none: mean Rec. 601 luma | - | [0, 1] |
 | jpeg_compressibility | none: -(JPEG size in kB at quality 95), as DDPO | - | negative kB |
 
@@ -23,10 +25,12 @@ constructing a reward fails at once naming the variable to set (or `hf download 
 VideoAlign reports (raw - mean) / std with the mean/std of its model_config.json
 (VQ 3.6757/2.2476, MQ 1.1646/1.3811, TA 2.8105/2.5121), as the official wrapper with use_norm=True;
 like the released model's own forward it runs Qwen2-VL with plain positions 0..L-1 (no M-RoPE).
+HPSv3 reports mu, the first of its head's (mu, sigma) at <|Reward|>, on the image resized to
+256*28*28 pixels, as its inference.py and DanceGRPO's scripts ([:, 0]); plain positions too.
 A reward model that errors raises; a non-finite score raises FloatingPointError.
 deviation: preprocessing runs in torch on the device (bicubic with antialias on the 8-bit-rounded
 input) instead of PIL images and mp4 files written to disk; the numbers differ by resampling and
-video-codec noise only. Models run in float32 (VideoAlign: bfloat16 on GPU) with LoRA merged into
+video-codec noise only. Models run in float32 (VideoAlign, HPSv3: bfloat16 on GPU) with LoRA merged into
 the weights, outside the training autocast (the official FLUX script runs HPS under fp16 autocast). Image rewards score a video as the mean over its frames (an extension).
 """
 
@@ -283,9 +287,10 @@ Textual prompt - {text_prompt}
 Please provide the ratings of Text Alignment: <|TA_reward|>
 END
 """
-# Qwen2-VL's chat template rendered for one user turn (video, then text) with add_generation_prompt.
+# Qwen2-VL's chat template rendered for one user turn (a video or an image, then text) with
+# add_generation_prompt; {vision} is the <|video_pad|> or <|image_pad|> run the processor expands it to.
 QWEN2VL_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                "<|vision_start|>{video}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+                "<|vision_start|>{vision}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
 VIDEOALIGN_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils
 
@@ -329,9 +334,18 @@ def qwen2vl_patches(frames, patch=14, temporal=2, merge=2):
     return x.reshape(gt * gh * gw, c * temporal * patch * patch), (gt, gh, gw)
 
 
+def qwen2vl_pixels(x, size):
+    """8-bit [N,3,H,W] in [0,1] -> resized to `size` (bicubic, 8-bit again) and normalised as Qwen2-VL's processor."""
+    if tuple(size) != tuple(x.shape[-2:]):
+        x = _u8(F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False))
+    mean, std = torch.tensor(CLIP_MEAN, device=x.device), torch.tensor(CLIP_STD, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
 def videoalign_state_dict(state_dict, lora_scale):
     """The released checkpoint (a PEFT-wrapped Qwen2VLRewardModelBT, transformers-4.4x names) ->
-    Qwen2VLModel keys plus `rm_head.weight`, with each LoRA merged: W = W0 + scale * B @ A."""
+    Qwen2VLModel keys plus `rm_head.*`, with each LoRA merged: W = W0 + scale * B @ A. Also reads
+    HPSv3's (no LoRA; either transformers layout)."""
     out, lora = {}, {}
     for key, w in state_dict.items():
         key = key.removeprefix("base_model.model.")
@@ -411,13 +425,10 @@ def videoalign_inputs(videos, prompts, tok, vision_config, data_config, fps):
     n = videoalign_num_frames(t, fps, data_config.get("fps") or 2.0, data_config.get("num_frames"))
     frames = _u8(videos[:, torch.linspace(0, t - 1, n).round().long()].flatten(0, 1))  # uniform sampling
     size = videoalign_size(h, w, data_config["max_frame_pixels"], factor=patch * merge)
-    if size != (h, w):
-        frames = _u8(F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False))
-    mean, std = torch.tensor(CLIP_MEAN, device=frames.device), torch.tensor(CLIP_STD, device=frames.device)
-    frames = ((frames - mean[:, None, None]) / std[:, None, None]).view(b, n, 3, *size)
+    frames = qwen2vl_pixels(frames, size).view(b, n, 3, *size)
     patches, grids = zip(*(qwen2vl_patches(f, patch, vision_config.temporal_patch_size, merge) for f in frames))
     video = "<|video_pad|>" * (math.prod(grids[0]) // merge ** 2)  # one token per merged 2x2 patch group
-    texts = [QWEN2VL_CHAT.format(video=video, text=VIDEOALIGN_PROMPT.format(text_prompt=p)) for p in prompts]
+    texts = [QWEN2VL_CHAT.format(vision=video, text=VIDEOALIGN_PROMPT.format(text_prompt=p)) for p in prompts]
     enc = tok(texts, padding=True, padding_side="right", return_tensors="pt")
     return enc.input_ids, enc.attention_mask, torch.cat(patches), torch.tensor(grids)
 
@@ -450,6 +461,133 @@ def _videoalign(device, dim, path=None, base=None, fps=8.0, dtype=None):
             raw = (raw - torch.tensor([norm[f"{k}_mean"] for k in ("VQ", "MQ", "TA")], device=device)) \
                 / torch.tensor([norm[f"{k}_std"] for k in ("VQ", "MQ", "TA")], device=device)
         return raw[:, dim]
+    return score
+
+
+# ---------------------------------------------------------------- HPSv3 (Qwen2-VL-7B + MLP head)
+
+# HPSv3's INSTRUCTION and prompt_with_special_token (hpsv3/dataset/data_collator_qwen.py, imported by
+# hpsv3/inference.py:7), verbatim: they are model input, trailing spaces included. Read at MizzenAI/HPSv3
+# 72b7eba (inference.py) and d232ff8 (model/qwen2vl_trainer.py, train.py, config/HPSv3_7B.yaml); the
+# repository's own data_collator_qwen.py was not among the stored sources: this text is from two stored
+# copies of that file, which agree. Its process_vision_info (hpsv3/dataset/utils.py, not stored either) is
+# taken to be qwen-vl-utils' fetch_image (a pyproject dependency): smart_resize, then a PIL resize.
+HPSV3_PROMPT = """
+You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. 
+
+**Visual Quality:**  
+Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:
+- **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
+- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.
+- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
+- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
+- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. 
+
+**Text Alignment:**  
+Assess how well the image matches the textual prompt across the following sub-dimensions:
+- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.
+- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the image adheres to this style.
+- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image logically fit the scenario described in the prompt. The environment should support and enhance the subject without contradictions.
+- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be acceptable, but critical attributes should be preserved.
+- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the image. The generated content should not introduce elements that conflict with or distort the original description.
+Textual prompt - {text_prompt}
+
+
+
+Please provide the overall ratings of this image: <|Reward|>
+
+END
+"""
+HPSV3_TOKEN = "<|Reward|>"  # added to the Qwen2-VL tokenizer before resize_token_embeddings (hpsv3/train.py)
+HPSV3_PIXELS = 256 * 28 * 28  # min_pixels = max_pixels (hpsv3/inference.py prepare_batch; HPSv3_7B.yaml)
+
+
+def hpsv3_head(hidden, out_dim):
+    """HPSv3's "ranknet" rm_head without rm_head_kwargs (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT):
+    Linear(hidden, 1024), ReLU, Dropout(0.05), Linear(1024, 16), ReLU, Linear(16, out_dim): keys 0, 3, 5."""
+    return torch.nn.Sequential(torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+                               torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, out_dim))
+
+
+def _hpsv3_file(path):
+    """The checkpoint file: `path` itself, or in the folder `path` HPSv3.safetensors, else its one
+    *.safetensors or *.pth (a torch state dict as hpsv3/train.py saves, possibly under "model")."""
+    if not os.path.isdir(path):
+        return path
+    files = glob.glob(os.path.join(path, "HPSv3.safetensors")) or \
+        sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.pth")))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{path} (DANCEGRPO_HPSV3_PATH) should hold one HPSv3 checkpoint "
+                                f"(HPSv3.safetensors), found {files}")
+    return files[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_hpsv3(path, base, device, dtype):
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
+    # Qwen2VLForConditionalGeneration names of either transformers layout -> Qwen2VLModel's, lm_head dropped
+    # (no LoRA in HPSv3_7B.yaml, so nothing is merged)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:  # weights_only: no pickled code runs
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = state.get("model", state)
+    state = videoalign_state_dict(state, lora_scale=0.0)
+    head_state = {k.removeprefix("rm_head."): state.pop(k) for k in list(state) if k.startswith("rm_head.")}
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    tok.add_tokens([HPSV3_TOKEN], special_tokens=True)  # as hpsv3/train.py create_model_and_processor
+    if "5.weight" not in head_state:
+        raise NotImplementedError(f"{path}: only HPSv3's ranknet rm_head (rm_head.0, .3, .5) is supported")
+    rows = state["language_model.embed_tokens.weight"].shape[0]
+    if rows != len(tok):  # the reference resizes the embeddings to len(tokenizer) after adding the token
+        raise ValueError(f"the HPSv3 embeddings have {rows} rows but the tokenizer in {base} has {len(tok)} "
+                         f"tokens with {HPSV3_TOKEN}: DANCEGRPO_HPSV3_BASE should be Qwen2-VL-7B-Instruct")
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    config.text_config.vocab_size = rows
+    with torch.device(device):
+        model = Qwen2VLModel._from_config(config, dtype=dtype)
+        head = hpsv3_head(config.text_config.hidden_size, head_state["5.weight"].shape[0])
+    model.load_state_dict(state, strict=True)
+    head.load_state_dict(head_state, strict=True)  # float32, as the reference keeps rm_head
+    return model.eval(), head.eval(), tok
+
+
+def hpsv3_inputs(images, prompts, tok, vision_config):
+    """Images [B,3,H,W] in [0,1], prompts -> (input_ids, attention_mask, pixel_values, image_grid_thw): what
+    hpsv3/inference.py prepare_batch builds (qwen-vl-utils resize to 256*28*28 pixels, Qwen2-VL processor)."""
+    patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
+    size = videoalign_size(*images.shape[-2:], HPSV3_PIXELS, HPSV3_PIXELS, factor=patch * merge)
+    pixels = qwen2vl_pixels(_u8(images), size)  # [B, 3, h, w]
+    # a still image: the processor repeats it to temporal_patch_size frames
+    patches, grids = zip(*(qwen2vl_patches(p[None], patch, vision_config.temporal_patch_size, merge) for p in pixels))
+    image = "<|image_pad|>" * (math.prod(grids[0]) // merge ** 2)
+    texts = [QWEN2VL_CHAT.format(vision=image, text=HPSV3_PROMPT.format(text_prompt=p)) for p in prompts]
+    enc = tok(texts, padding=True, padding_side="right", return_tensors="pt")
+    return enc.input_ids, enc.attention_mask, torch.cat(patches), torch.tensor(grids)
+
+
+def hpsv3(device, path=None, base=None, dtype=None):
+    """HPSv3's mu, the first of the head's (mu, sigma) at <|Reward|>: what hpsv3/inference.py's reward()
+    returns in column 0 and DanceGRPO keeps (train_grpo_qwenimage.py:390-394, hps_score[:, 0])."""
+    path = _hpsv3_file(_weights(path, "DANCEGRPO_HPSV3_PATH", "MizzenAI/HPSv3", "HPSv3.safetensors"))
+    base = _weights(base, "DANCEGRPO_HPSV3_BASE", "Qwen/Qwen2-VL-7B-Instruct")
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # HPSv3_7B.yaml: bf16
+
+    def score(images, prompts):
+        model, head, tok = _load_hpsv3(path, base, device, dtype)
+        inputs = hpsv3_inputs(images.to(device, torch.float32), prompts, tok, model.config.vision_config)
+        ids, mask, pixels, grid = (v.to(device) for v in inputs)  # ids: [B, L]
+        # Positions 0..L-1, as VideoAlign: Qwen2VLRewardModelBT.forward passes inputs_embeds and no
+        # input_ids or grid to the Qwen2-VL model, so no M-RoPE index is built (qwen2vl_trainer.py).
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1], device=device).expand_as(ids),
+                       pixel_values=pixels.to(dtype), image_grid_thw=grid).last_hidden_state  # [B, L, hidden]
+        at = ids == tok.convert_tokens_to_ids(HPSV3_TOKEN)  # [B, L]
+        if not (at.sum(-1) == 1).all():
+            raise ValueError(f"{HPSV3_TOKEN} must occur exactly once per prompt")
+        out = head(hidden[at].float())  # [B, 2]: (mu, sigma)
+        return out[:, 0]
     return score
 
 
@@ -490,6 +628,7 @@ REWARDS = {
     "videoalign_vq": _checked("videoalign_vq", functools.partial(_videoalign, dim=0), video_model=True),
     "videoalign_mq": _checked("videoalign_mq", functools.partial(_videoalign, dim=1), video_model=True),
     "videoalign_ta": _checked("videoalign_ta", functools.partial(_videoalign, dim=2), video_model=True),
+    "hpsv3": _checked("hpsv3", hpsv3),
     "brightness": _checked("brightness", brightness),
     "jpeg_compressibility": _checked("jpeg_compressibility", jpeg_compressibility),
 }

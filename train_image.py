@@ -354,7 +354,7 @@ def score(scorers, x, prompts) -> torch.Tensor:
 def decode_and_score(pipe, final, prompts, scorers, args) -> torch.Tensor:
     """Decode the final latents to images or videos in [0, 1] (bf16 on CUDA) and score them in memory,
     `micro_batch` samples at a time. Returns [K, N]. The reward models run outside the training
-    autocast, in their own precision (rewards.py: float32; VideoAlign bf16 on CUDA), the same on one
+    autocast, in their own precision (rewards.py: float32; VideoAlign, HPSv3 bf16 on CUDA), the same on one
     GPU and under torchrun."""
     scores = []
     with torch.no_grad():

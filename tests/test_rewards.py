@@ -250,7 +250,7 @@ def test_scorers_refuse_non_finite_scores_and_bad_inputs():
 
 @pytest.mark.parametrize("name,env", [("hps", "DANCEGRPO_HPS_CKPT"), ("clip", "DANCEGRPO_CLIP_PATH"),
                                       ("pickscore", "DANCEGRPO_PICKSCORE_PATH"),
-                                      ("videoalign_vq", "DANCEGRPO_VIDEOALIGN_PATH")])
+                                      ("videoalign_vq", "DANCEGRPO_VIDEOALIGN_PATH"), ("hpsv3", "DANCEGRPO_HPSV3_PATH")])
 def test_missing_weights_fail_fast_naming_the_variable(name, env, monkeypatch, tmp_path):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
@@ -454,3 +454,111 @@ def test_videoalign_samples_frames_by_the_videos_fps(videoalign_dirs, monkeypatc
     direct = rewards.REWARDS["videoalign_vq"]("cpu", path=root, base=base, fps=2.0)
     torch.testing.assert_close(at[2], direct(videos, ["waves"]))
     assert not torch.allclose(at[8], at[2])
+
+
+# ---------------------------------------------------------------- HPSv3 on a tiny Qwen2-VL
+
+@pytest.fixture(scope="module")
+def hpsv3_dirs(tmp_path_factory):
+    """Base folder (Qwen2-VL config + tokenizer) and HPSv3.safetensors as hpsv3/train.py builds the model:
+    <|Reward|> added to the tokenizer, embeddings resized to it, the ranknet rm_head (written out here)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    base, root = tmp_path_factory.mktemp("qwen2vl_7b"), tmp_path_factory.mktemp("hpsv3")
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[])
+    tok.add_tokens(QWEN_SPECIALS, special_tokens=True)
+    tok.save_pretrained(base)
+    ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(QWEN_SPECIALS)))
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config.save_pretrained(base)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    tok.add_tokens(["<|Reward|>"], special_tokens=True)
+    model.resize_token_embeddings(len(tok))  # shrinks the padded vocabulary, as for the 7B model
+    model.rm_head = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+                                        torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    model.eval()
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}  # model.visual.*, model.language_model.*
+    save_file(state, root / "HPSv3.safetensors")
+    return str(base), str(root), model, tok, state
+
+
+def hpsv3_reference(model, tok, images_u8, prompts):
+    """hpsv3/inference.py, written out: the chat text by hand, transformers' Qwen2-VL image processor for
+    the pixels (uint8 in, rescaled and normalised there), then Qwen2VLRewardModelBT.forward (image features scattered into the
+    embeddings, the text model run without input_ids, so sequential positions; rm_head at <|Reward|>)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    instruction = rewards.HPSV3_PROMPT.removesuffix("\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n")
+    texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+             "<|vision_end|>" + instruction.format(text_prompt=p)
+             + "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n<|im_end|>\n<|im_start|>assistant\n"
+             for p in prompts]
+    batch = Qwen2VLImageProcessorPil()(images=[im.permute(1, 2, 0).numpy() for im in images_u8], return_tensors="pt")
+    # what Qwen2VLProcessor does (not built here: it needs torchvision): one <|image_pad|> per 2x2 merged patches
+    texts = [t.replace("<|image_pad|>", "<|image_pad|>" * (g.prod().item() // 4)) for t, g in zip(texts, batch.image_grid_thw)]
+    batch.update(tok(texts, padding=True, padding_side="right", return_tensors="pt"))
+    ids = batch.input_ids
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(ids)
+        image = torch.cat(model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output)
+        embeds[ids == model.config.image_token_id] = image
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+        logits = model.rm_head(hidden.float())  # [B, L, 2]
+    return logits[ids == tok.convert_tokens_to_ids("<|Reward|>")].view(len(prompts), -1), batch
+
+
+def test_hpsv3_matches_the_reference_inference(hpsv3_dirs):
+    base, root, model, tok, _ = hpsv3_dirs
+    images_u8 = torch.randint(0, 256, (2, 3, 448, 448), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red kite over the hills", "snow {falls}"]  # different lengths: right padding in the batch
+    mu_sigma, batch = hpsv3_reference(model, tok, images_u8, prompts)
+    ids, mask, pixels, grid = rewards.hpsv3_inputs(images_u8 / 255, prompts, tok, model.config.vision_config)
+    torch.testing.assert_close(pixels, batch.pixel_values.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids, batch.input_ids) and torch.equal(grid, batch.image_grid_thw)
+    assert grid.tolist() == [[1, 32, 32]] * 2  # 448 x 448 = 256 * 28 * 28 pixels: 256 image tokens
+    scorer = rewards.REWARDS["hpsv3"]("cpu", path=root, base=base)
+    ours = scorer(images_u8 / 255, prompts)
+    assert mu_sigma.shape == (2, 2) and not torch.allclose(mu_sigma[:, 0], mu_sigma[:, 1])
+    torch.testing.assert_close(ours, mu_sigma[:, 0], atol=1e-4, rtol=1e-4)  # the reward is mu
+    alone = torch.cat([scorer(images_u8[i:i + 1] / 255, prompts[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-5)  # batching changes nothing
+
+
+def test_hpsv3_resizes_to_its_pixel_budget_and_reads_both_key_layouts(hpsv3_dirs, tmp_path):
+    from safetensors.torch import save_file
+    base, root, model, tok, state = hpsv3_dirs
+    images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    ids, _, _, grid = rewards.hpsv3_inputs(images, ["a", "b"], tok, model.config.vision_config)
+    assert grid.tolist() == [[1, 32, 32]] * 2 and (ids == model.config.image_token_id).sum(1).tolist() == [256, 256]
+    old = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in state.items()}
+    save_file(old, tmp_path / "HPSv3.safetensors")  # transformers 4.4x names: visual.*, model.* (text)
+    new = rewards.REWARDS["hpsv3"]("cpu", path=root, base=base)(images, ["a cat", "a dog"])
+    torch.testing.assert_close(rewards.REWARDS["hpsv3"]("cpu", path=str(tmp_path / "HPSv3.safetensors"), base=base)(
+        images, ["a cat", "a dog"]), new)
+    assert not torch.allclose(new[0], new[1])
+    with pytest.raises(FileNotFoundError, match="DANCEGRPO_HPSV3_PATH"):  # a folder without a checkpoint fails at once
+        rewards.REWARDS["hpsv3"]("cpu", path=base, base=base)
+
+
+def test_hpsv3_prompt_is_the_official_text():
+    p = rewards.HPSV3_PROMPT  # INSTRUCTION + prompt_with_special_token; trailing spaces are model input
+    assert p.startswith("\nYou are tasked with evaluating a generated image") and p.count("{text_prompt}") == 1
+    assert "best. \n\n**Visual Quality:**  \n" in p and "lowest possible. \n\n**Text Alignment:**  \n" in p
+    assert p.endswith("Textual prompt - {text_prompt}\n\n\n\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n")
+    assert len(p) == 2590
+
+
+def test_hpsv3_without_its_base_fails_naming_the_variable(hpsv3_dirs, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    _, root, *_ = hpsv3_dirs
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("DANCEGRPO_HPSV3_BASE", raising=False)
+    with pytest.raises(FileNotFoundError, match="DANCEGRPO_HPSV3_BASE"):
+        rewards.REWARDS["hpsv3"]("cpu", path=root)

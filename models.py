@@ -203,15 +203,19 @@ def _brightness_readable(vae, gain=5.0):
     return vae
 
 
+def _tiny_vae16(scaling_factor, shift_factor):
+    """The 16-channel AutoencoderKL of FLUX and SD3 at toy width; two blocks -> 2x downsampling (real: 8x)."""
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=scaling_factor,
+                        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+    return _brightness_readable(vae)
+
+
 def _tiny_flux():
     clip_tok, clip = _tiny_clip()
     t5_tok, t5 = _tiny_t5()
-    # 16 latent channels like FLUX's VAE; two blocks -> 2x downsampling (the real VAE has four blocks, 8x)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    _brightness_readable(vae)
+    vae = _tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX's vae/config.json factors
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
@@ -265,12 +269,7 @@ def _tiny_sd35():
     clip_tok, clip = _tiny_clip(cls=CLIPTextModelWithProjection)
     clip2_tok, clip2 = _tiny_clip(cls=CLIPTextModelWithProjection)
     t5_tok, t5 = _tiny_t5()
-    # SD3's VAE: 16 channels, scaling and shift factors of SD3.5's vae/config.json; two blocks -> 2x (real: 8x)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=1, sample_size=32, scaling_factor=1.5305,
-                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    _brightness_readable(vae)
+    vae = _tiny_vae16(scaling_factor=1.5305, shift_factor=0.0609)  # SD3.5's vae/config.json factors
     # SD3.5-Medium's features at toy width: MMDiT-X dual attention in the first layer, RMS qk-norm;
     # pooled = both CLIPs' projections (2 x 32), joint = T5 width (32)
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,

@@ -310,19 +310,17 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|image_pad|>", "<|video_pad|>"]
 
 
-@pytest.fixture(scope="module")
-def videoalign_dirs(tmp_path_factory):
-    """Base folder (Qwen2-VL config + tokenizer) and a VideoReward folder in the released layout:
-    model_config.json and checkpoint-N/model.pth holding a PEFT-wrapped model, old transformers names."""
-    from peft import LoraConfig, get_peft_model
+def tiny_qwen2vl(base, extra_vocab):
+    """A 2-layer Qwen2VLForConditionalGeneration (seed 0), its vocabulary `extra_vocab` rows larger than a
+    byte-level tokenizer holding Qwen's special tokens; config and tokenizer saved in `base` (a Qwen2-VL
+    folder without weights). Returns (tokenizer, model)."""
     from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    base, root = tmp_path_factory.mktemp("qwen2vl"), tmp_path_factory.mktemp("videoreward")
     tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[])
     tok.add_tokens(QWEN_SPECIALS, special_tokens=True)
-    tok.save_pretrained(base)  # the reward tokens are added by the loader, as in training
+    tok.save_pretrained(base)
     ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(QWEN_SPECIALS)))
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok) + extra_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e4}),
@@ -332,6 +330,16 @@ def videoalign_dirs(tmp_path_factory):
     config.save_pretrained(base)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config)
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def videoalign_dirs(tmp_path_factory):
+    """Base folder (Qwen2-VL config + tokenizer) and a VideoReward folder in the released layout:
+    model_config.json and checkpoint-N/model.pth holding a PEFT-wrapped model, old transformers names."""
+    from peft import LoraConfig, get_peft_model
+    base, root = tmp_path_factory.mktemp("qwen2vl"), tmp_path_factory.mktemp("videoreward")
+    tok, model = tiny_qwen2vl(base, extra_vocab=3)  # the reward tokens are added by the loader, as in training
     targets = sorted({n.split(".")[-1] for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)})
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     with torch.no_grad():
@@ -463,23 +471,8 @@ def hpsv3_dirs(tmp_path_factory):
     """Base folder (Qwen2-VL config + tokenizer) and HPSv3.safetensors as hpsv3/train.py builds the model:
     <|Reward|> added to the tokenizer, embeddings resized to it, the ranknet rm_head (written out here)."""
     from safetensors.torch import save_file
-    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     base, root = tmp_path_factory.mktemp("qwen2vl_7b"), tmp_path_factory.mktemp("hpsv3")
-    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[])
-    tok.add_tokens(QWEN_SPECIALS, special_tokens=True)
-    tok.save_pretrained(base)
-    ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(QWEN_SPECIALS)))
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e4}),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    config.save_pretrained(base)
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
+    tok, model = tiny_qwen2vl(base, extra_vocab=5)
     tok.add_tokens(["<|Reward|>"], special_tokens=True)
     model.resize_token_embeddings(len(tok))  # shrinks the padded vocabulary, as for the 7B model
     model.rm_head = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),

@@ -246,8 +246,7 @@ def iteration(setup, groups, args, device, folder):
         scores = torch.randn(1, len(prompts), generator=seeded(args.seed, 0, 3))
         _, adv, steps = advantages_and_steps(scores, specs[:1], groups, args)
     batch = dict(latents=a_roll[0], log_probs=a_roll[1], advantages=adv, weights=[s.weight for s in specs[:len(adv)]],
-                 steps=steps, cond=cond,
-                 schedule=schedule, model_t=model_t, kind="flow", extra=None)
+                 steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind="flow", extra=None)
     net.zero_grad(set_to_none=True)
     _, ta = timed(lambda: project_update(pipe, batch, args, device), device)
     grads_a = [p.grad.to("cpu", copy=True) for p in params]  # off the device: FLUX's are 24 GB
@@ -336,25 +335,25 @@ def time_to_reward(ours, rest) -> dict:
             for name, flags in settings.items():  # interleaved: a load change on the machine hits every setting
                 runs[name].append(dict(seed=seed, **train_until(base + flags + ["--seed", str(seed)], ours.target_gain,
                                                                  Path(folder) / f"{name}-{seed}")))
-    figures = {name: dict(flags=" ".join(settings[name]), reached_seeds=sum(r["reached"] for r in rs),
+    per_setting = {name: dict(flags=" ".join(settings[name]), reached_seeds=sum(r["reached"] for r in rs),
                           **{f"median_{k}": statistics.median(r[k] for r in rs)
                              for k in ("wall_s", "iterations", "forwards", "backwards")}, runs=rs)
                for name, rs in runs.items()}
-    paper = figures["paper"]["median_wall_s"]
+    paper = per_setting["paper"]["median_wall_s"]
     print(f"\ntime to +{ours.target_gain} reward (3-iteration moving average), {ours.seeds} seeds, tiny-flux, "
           f"{torch.get_num_threads()} thread(s); medians")
     print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
           f"{'speedup':>8}")
-    for name, f in figures.items():
+    for name, f in per_setting.items():
         print(f"{name:10} {f['flags'] or '(paper)':40} {f['median_wall_s']:8.1f} {f['median_iterations']:6.1f} "
               f"{f['median_forwards']:9.0f} {f['median_backwards']:9.0f} {f['reached_seeds']:>4}/{ours.seeds:<3} "
               f"{paper / f['median_wall_s']:7.2f}x")
     variants = [n for n in settings if n != "paper"]
-    result = dict(time_to_reward_speedup=paper / figures[variants[0]]["median_wall_s"] if variants else 1.0,
-                  **{f"time_to_reward_speedup_{n}": paper / figures[n]["median_wall_s"] for n in variants},
-                  **{f"reached_{n}": f["reached_seeds"] == ours.seeds for n, f in figures.items()},
+    result = dict(time_to_reward_speedup=paper / per_setting[variants[0]]["median_wall_s"] if variants else 1.0,
+                  **{f"time_to_reward_speedup_{n}": paper / per_setting[n]["median_wall_s"] for n in variants},
+                  **{f"reached_{n}": f["reached_seeds"] == ours.seeds for n, f in per_setting.items()},
                   seeds=ours.seeds, target_gain=ours.target_gain, max_iterations=ours.max_iterations,
-                  threads=torch.get_num_threads(), device="cpu", settings=figures)
+                  threads=torch.get_num_threads(), device="cpu", settings=per_setting)
     print(json.dumps(result))
     return result
 

@@ -51,7 +51,7 @@ def read_meta(folder) -> dict:
 def write_network(pipe, net, state, folder, args, suffix=""):
     """Full weights `state` of the trained network as diffusers loads them: `transformer<suffix>/`
     (or `unet<suffix>/`) with its config, or `pytorch_lora_weights<suffix>.safetensors` for LoRA."""
-    subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+    subfolder = models.trained_name(models.FAMILY[args.model])
     if args.lora_rank:
         layers = {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
         metadata = net.peft_config["default"].to_dict()  # rank and alpha, so load_lora_weights scales right
@@ -71,7 +71,7 @@ def read_network(folder, args, suffix="", state=None) -> dict:
     if args.lora_rank:
         state = state or read_state(folder)
         return state["lora" + suffix]
-    subfolder = "unet" if models.FAMILY[args.model] == "sd" else "transformer"
+    subfolder = models.trained_name(models.FAMILY[args.model])
     return load_file(folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
 
 
@@ -173,6 +173,6 @@ def apply(pipe, folder, model, ema=None) -> str:
         pipe.load_lora_weights(folder, weight_name=f"pytorch_lora_weights{suffix}.safetensors", adapter_name="checkpoint")
     else:
         from safetensors.torch import load_file
-        subfolder = ("unet" if models.FAMILY[model] == "sd" else "transformer") + suffix
+        subfolder = models.trained_name(models.FAMILY[model]) + suffix
         models.trained_module(pipe).load_state_dict(load_file(folder / subfolder / "diffusion_pytorch_model.safetensors"))
     return "ema" if suffix else "raw"

@@ -253,8 +253,8 @@ def main(argv=None) -> dict:
     prompts = ti.read_prompts(args.prompts) if args.prompts else HELD_OUT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
     labels = [label(s) for s in specs]
-    for path in args.checkpoint:  # refuse a wrong checkpoint before sampling anything
-        meta = checkpoint.read_meta(path)
+    metas = [checkpoint.read_meta(path) for path in args.checkpoint]
+    for path, meta in zip(args.checkpoint, metas):  # refuse a wrong checkpoint before sampling anything
         if meta["model"] != args.model or (args.ema and not meta["ema"]):
             raise SystemExit(f"error: {path} holds a {meta['model']} checkpoint{'' if meta['ema'] else ' without EMA'}; "
                              f"this evaluation wants {args.model}{' with EMA (--ema)' if args.ema else ''}")
@@ -276,13 +276,13 @@ def main(argv=None) -> dict:
         pipe.vae.enable_tiling()
 
     # base first, then LoRA checkpoints (adapters on the base, unloaded after), then full ones (they replace it)
-    order = sorted(range(len(names)), key=lambda i: not checkpoint.read_meta(args.checkpoint[i])["lora_rank"])
+    order = sorted(range(len(names)), key=lambda i: not metas[i]["lora_rank"])
     runs = {"base": (None, "base", *evaluate_policy(pipe, prompts, scorers, args, device, source, "base"))}
     for i in order:
         weights = checkpoint.apply(pipe, args.checkpoint[i], args.model, args.ema)
         scores, firsts = evaluate_policy(pipe, prompts, scorers, args, device, source, names[i])
         runs[names[i]] = (str(args.checkpoint[i]), weights, scores, firsts)
-        if checkpoint.read_meta(args.checkpoint[i])["lora_rank"]:
+        if metas[i]["lora_rank"]:
             pipe.unload_lora_weights()
     if rank != 0:
         return {}

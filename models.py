@@ -114,9 +114,14 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
     return pipe
 
 
+def trained_name(family):
+    """The pipeline component GRPO fine-tunes (also its checkpoint subfolder): "unet" for SD, else "transformer"."""
+    return "unet" if family == "sd" else "transformer"
+
+
 def trained_module(pipe):
     """The network GRPO fine-tunes: the UNet for SD, the transformer otherwise."""
-    return pipe.unet if isinstance(pipe, StableDiffusionPipeline) else pipe.transformer
+    return getattr(pipe, trained_name(_family(pipe)))
 
 
 def frozen_copy(pipe, device):
@@ -131,7 +136,7 @@ def reference_policy(pipe, frozen=None):
     """Inside it, predict() runs the frozen initial policy, the KL term's reference: a LoRA run switches its
     adapters off (the base is the initial policy, as Flow-GRPO's disable_adapter()); a full fine-tune swaps in
     `frozen` (frozen_copy, made before training)."""
-    net, name = trained_module(pipe), "unet" if isinstance(pipe, StableDiffusionPipeline) else "transformer"
+    net, name = trained_module(pipe), trained_name(_family(pipe))
     net.disable_adapters() if frozen is None else setattr(pipe, name, frozen)
     try:
         yield
@@ -625,8 +630,7 @@ _DEFAULTS = {
     # finetune_wan_2_1_grpo.sh (line numbers there): single frames (--t 1, :39) at 512 x 512 (:37-38), 20 steps
     # (:40), eta 0.3 (:41), shift 3 (:48), 12 samples a prompt (:47) sharing their noise (:52), 2 prompts a rank
     # (:24), one optimizer step per 24 samples (:29), lr 1e-5 (:31), 1000 steps (:30), checkpoint every 200 (:33),
-    # grad norm 1.0 (:44),
-    # fraction 0.6 (:51), HPS-v2.1 (:46) on the first frame (train_grpo_wan_2_1.py:353-365), CFG 5 in rollout and
+    # grad norm 1.0 (:44), fraction 0.6 (:51), HPS-v2.1 (:46) on the first frame (train_grpo_wan_2_1.py:353-365), CFG 5 in rollout and
     # training (--cfg_infer 5.0, :55; train_grpo_wan_2_1.py:195-205, 238-248); EMA parsed, never applied.
     "wan": dict(num_steps=20, shift=3.0, eta=0.3, guidance_scale=5.0, height=512, width=512, num_frames=1,
                 size_multiple=16, group_size=12, prompts_per_rank=2, keep=None, timestep_fraction=0.6, lr=1e-5,
@@ -663,8 +667,7 @@ def model_defaults(model, lora=False):
     sampler settings) for a tiny preset. checkpoint_every None: at the end only. lora None: the model's own choice
     (LoRA rank 32 for sd35, as Flow-GRPO; a full fine-tune otherwise), given as `lora_rank`."""
     family = FAMILY[model]
-    real = {"flux": "flux", "sd": "sd14", "hunyuan": "hunyuan", "skyreels": "skyreels", "sd35": "sd35",
-            "wan": "wan", "qwenimage": "qwenimage"}[family]
+    real = "sd14" if family == "sd" else family  # _DEFAULTS is keyed by the real model's name
     d = dict(_DEFAULTS[real])
     if lora is None:
         lora = model not in TINY and d.get("lora_rank", 0) > 0

@@ -361,7 +361,7 @@ def decode_and_score(pipe, final, prompts, scorers, args) -> torch.Tensor:
         for i in range(0, len(final), args.micro_batch):
             with autocast(final.device):
                 x = models.decode(pipe, final[i:i + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
-            scores.append(score(scorers, x.float(), prompts[i:i + args.micro_batch]))
+            scores.append(score(scorers, x, prompts[i:i + args.micro_batch]))
     return torch.cat(scores, dim=1)
 
 

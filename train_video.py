@@ -174,13 +174,13 @@ def main(argv=None):
         # deviation: selected per group and kept in sample order; the official argsort spans a rank's whole batch
         # (one prompt there, so the same set) and shuffles the kept samples before its batch-1 updates.
         advantages, weights = grpo.reward_advantages(scores, G, args.adv_clip), [s.weight for s in specs]  # [K, N]
-        ranked = sum(w * a for w, a in zip(weights, advantages))  # [N], the official total_scores
+        ranked = grpo.multi_reward_advantages(scores, weights, G, args.adv_clip)  # [N], the official total_scores
         kept = grpo.best_of_n(ranked, G, args.keep) if args.keep < G else torch.arange(len(ranked))  # [P*keep]
         steps = ti.timesteps_for(groups, args, iteration)[kept]  # [P*keep, k], drawn for all N: rank-layout invariant
 
         # 5. policy update on the kept samples' selected timesteps
-        batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[:, kept], weights=weights, steps=steps,
-                     cond={k: v[kept] for k, v in cond.items()}, schedule=schedule, model_t=model_t, kind=kind,
+        batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[:, kept], weights=weights,
+                     steps=steps, cond={k: v[kept] for k, v in cond.items()}, schedule=schedule, model_t=model_t, kind=kind,
                      extra={k: v[kept] for k, v in extra.items()} if extra else None, reference=reference)
         stats = ti.update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
         skipped = skipped + 1 if stats["skipped_updates"] else 0

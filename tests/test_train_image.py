@@ -30,7 +30,7 @@ def test_smoke_run_writes_metrics_samples_and_checkpoint(model, tmp_path):
     assert rows[0]["world_size"] == 1 and rows[0]["skipped_updates"] == 0
     assert (tmp_path / "reward_curve.png").is_file() and list((tmp_path / "samples").glob("iter_*.png"))
     assert_checkpoint_holds(tmp_path / "checkpoint-000002", net)
-    subfolder = "unet" if models.FAMILY[model] == "sd" else "transformer"  # diffusers' own loader reads it back
+    subfolder = models.trained_name(models.FAMILY[model])  # diffusers' own loader reads it back
     loaded = type(net).from_pretrained(tmp_path / "checkpoint-000002" / subfolder).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
 

@@ -6,6 +6,8 @@ Seven families, each a real diffusers pipeline: FLUX.1-dev (FluxPipeline), Stabl
 (HunyuanSkyreelsImageToVideoPipeline). Each has a section in the functions below (load, tiny preset, encode_prompts,
 initial_noise, predict, decode, defaults). The `tiny-*` presets build the same pipeline classes from small configs
 with seeded random weights and in-code tokenizers, so every test and smoke run works offline on a CPU.
+`tiny-digits` is the one pretrained preset: a FluxPipeline on 8x8 pixels (no VAE, no text encoder), its weights
+shipped in assets/ and made by digits.py (the real-data demo).
 
 Latent layouts ("step layout", what the SDE steps in sde.py work on):
     FLUX       packed tokens [B, L, 4C]     (2x2 patches of the [B, C, h, w] VAE latent, as FluxPipeline packs them)
@@ -19,6 +21,7 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
 import contextlib
 import copy
 import string
+from pathlib import Path
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -32,6 +35,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLQw
                        HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
                        QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionPipeline, UNet2DConditionModel, WanPipeline, WanTransformer3DModel)
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from diffusers.utils.torch_utils import randn_tensor
 from tokenizers.pre_tokenizers import ByteLevel
@@ -56,7 +60,8 @@ TINY = ("tiny-flux", "tiny-sd", "tiny-hunyuan", "tiny-skyreels", "tiny-sd35", "t
 FAMILY = {"flux": "flux", "tiny-flux": "flux", "sd14": "sd", "tiny-sd": "sd", "hunyuan": "hunyuan",
           "tiny-hunyuan": "hunyuan", "skyreels": "skyreels", "tiny-skyreels": "skyreels", "sd35": "sd35",
           "tiny-sd35": "sd35", "wan": "wan", "tiny-wan": "wan", "qwenimage": "qwenimage",
-          "tiny-qwenimage": "qwenimage"}
+          "tiny-qwenimage": "qwenimage", "tiny-digits": "flux"}
+DIGITS_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny-digits.safetensors"  # made by digits.py --pretrain
 PIPELINES = {"flux": FluxPipeline, "sd": StableDiffusionPipeline, "hunyuan": HunyuanVideoPipeline,
              "skyreels": HunyuanSkyreelsImageToVideoPipeline, "sd35": StableDiffusion3Pipeline,
              "wan": WanPipeline, "qwenimage": QwenImagePipeline}
@@ -78,16 +83,18 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
     """The real diffusers pipeline for `model`, on CPU, frozen except for the trained network (still in .eval()).
 
     tiny-*: built from small configs with weights seeded by `seed` (identical on every rank).
+    tiny-digits: the shipped pretrained weights (DIGITS_WEIGHTS; `seed` is not used).
     Real names: from_pretrained(model_path or HUB_IDS[model]) from local files only, so a missing download
     fails at once instead of hanging on the network."""
     if model not in FAMILY:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(FAMILY)}")
     family = FAMILY[model]
-    if model in TINY:
+    if model in TINY or model == "tiny-digits":
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
             torch.manual_seed(seed)
-            pipe = {"flux": _tiny_flux, "sd": _tiny_sd, "hunyuan": _tiny_hunyuan, "skyreels": _tiny_skyreels,
-                    "sd35": _tiny_sd35, "wan": _tiny_wan, "qwenimage": _tiny_qwenimage}[family]()
+            pipe = digits_pipeline(DIGITS_WEIGHTS) if model == "tiny-digits" else {
+                "flux": _tiny_flux, "sd": _tiny_sd, "hunyuan": _tiny_hunyuan, "skyreels": _tiny_skyreels,
+                "sd35": _tiny_sd35, "wan": _tiny_wan, "qwenimage": _tiny_qwenimage}[family]()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
@@ -99,7 +106,7 @@ def load_pipeline(model, model_path=None, dtype=torch.float32, seed=0):
             raise RuntimeError(
                 f"could not load {model!r} from {path!r} with local files only ({type(e).__name__}: "
                 f"{' '.join(str(e).split())[:160]}). Download the weights and pass --model_path DIR, or use a "
-                f"tiny preset ({', '.join(TINY)})") from None
+                f"tiny preset ({', '.join(TINY)}, tiny-digits)") from None
     if family == "sd":  # DDPO/DanceGRPO sample SD with DDIM; same betas, from the checkpoint's scheduler config
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if family == "wan" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
@@ -338,6 +345,36 @@ def _tiny_qwenimage():
                              transformer=transformer)
 
 
+DIGITS_TEXT = (1, 32)  # tiny-digits' constant prompt embedding: 1 token of width 32 (and a pooled vector of 32)
+
+
+def digits_pipeline(weights=DIGITS_WEIGHTS):
+    """tiny-digits: a FluxPipeline in pixel space for 8x8 grey digits, no VAE and no text encoder.
+
+    The transformer (1 double + 2 single blocks, 2 heads of 16, no guidance embedding: 84k parameters) sees the
+    pixels in [-1, 1] packed 2x2 into 16 tokens of 4 channels, FluxPipeline's own packing with vae_scale_factor 1.
+    Its text input is a learned constant, pipe.prompt_embedding = {prompt_embeds [1, 1, 32], pooled_prompt_embeds
+    [1, 32]}, the same for every prompt. weights: a safetensors file of `transformer.<name>` tensors and those two
+    (digits.py --pretrain writes it); None: random weights from torch's global RNG (pretraining starts there)."""
+    tokens, width = DIGITS_TEXT
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=width,
+                                         pooled_projection_dim=width, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.vae_scale_factor = 1  # pixels: FluxPipeline's packing and unpacking rules with no VAE downsampling
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=2)  # [-1, 1] -> [0, 1], as for a VAE's output
+    pipe.prompt_embedding = {"prompt_embeds": torch.randn(1, tokens, width),  # learned in pretraining
+                             "pooled_prompt_embeds": torch.randn(1, width)}
+    if weights is not None:
+        from safetensors.torch import load_file
+        state = load_file(weights)
+        transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in state.items()
+                                     if k.startswith("transformer.")}, strict=True)
+        pipe.prompt_embedding = {k: state[k] for k in pipe.prompt_embedding}
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conditioning
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,7 +412,12 @@ def encode_prompts(pipe, prompts, device):
     """Text conditioning as a dict of batch-first tensors (leading dim B = len(prompts)), via the pipeline's own
     encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys."""
     family, prompts = _family(pipe), list(prompts)
-    if family == "flux":
+    if family == "flux" and pipe.text_encoder is None:  # tiny-digits: its learned constant, the same for every prompt
+        given = {k: v.to(pipe.transformer.dtype).expand(len(prompts), *v.shape[1:])
+                 for k, v in pipe.prompt_embedding.items()}
+        embeds, pooled, _ = pipe.encode_prompt(prompts, device=device, **given)  # returns them as they are
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # [B, 1, 32], [B, 32]
+    elif family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(prompts, device=device,
                                                max_sequence_length=_text_len(pipe.tokenizer_2, FLUX_TEXT_LEN))
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # [B, 512, 4096], [B, 768]; txt_ids = 0
@@ -467,7 +509,8 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
         h, w = _flux_packed_hw(pipe, height, width)
         out = net(hidden_states=x,  # [B, L, 4C]
                   timestep=t.to(dtype),  # sigma; FluxTransformer2DModel multiplies by 1000 (FluxPipeline passes t/1000)
-                  guidance=torch.full([B], guidance_scale, device=x.device, dtype=dtype),  # also x1000 inside
+                  guidance=torch.full([B], guidance_scale, device=x.device, dtype=dtype)  # also x1000 inside
+                  if net.config.guidance_embeds else None,  # FluxPipeline's rule (tiny-digits has no guidance)
                   pooled_projections=c["pooled_prompt_embeds"], encoder_hidden_states=c["prompt_embeds"],
                   txt_ids=torch.zeros(c["prompt_embeds"].shape[1], 3, device=x.device, dtype=dtype),
                   img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, x.device, dtype),
@@ -544,6 +587,8 @@ def decode(pipe, latents, height, width):
     family, vae = _family(pipe), pipe.vae
     if family == "flux":
         z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
+        if vae is None:  # tiny-digits: the latents are the grey pixels in [-1, 1]
+            return pipe.image_processor.postprocess(z.float(), output_type="pt").float().repeat(1, 3, 1, 1)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
     elif family == "sd":
         z = latents / vae.config.scaling_factor
@@ -660,6 +705,13 @@ _TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_pe
                       grad_accum=32, micro_batch=32, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=None,
                       keep_checkpoints=2, reward="brightness")
 _TINY_LORA_LR = 3e-2
+# tiny-digits (digits.py): the DanceGRPO flow SDE at Flow-GRPO's noise level 0.7 (eta here), 10 steps, shift 3,
+# 4 prompts x 8 samples (one update per iteration), timestep fraction 0.6, lr 3e-4, the `digit` reward (--target_digit).
+# The KL coefficient is not a model default (--kl_coef defaults to 0): pass it, see digits.py.
+_DIGITS_DEFAULTS = dict(num_steps=10, shift=3.0, eta=0.7, guidance_scale=1.0, height=8, width=8, size_multiple=2,
+                        group_size=8, prompts_per_rank=4, timestep_fraction=0.6, lr=3e-4, iterations=80, grad_accum=32,
+                        micro_batch=160, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=None, keep_checkpoints=2,
+                        reward="digit")
 
 
 def model_defaults(model, lora=False):
@@ -667,6 +719,8 @@ def model_defaults(model, lora=False):
     sampler settings) for a tiny preset. checkpoint_every None: at the end only. lora None: the model's own choice
     (LoRA rank 32 for sd35, as Flow-GRPO; a full fine-tune otherwise), given as `lora_rank`."""
     family = FAMILY[model]
+    if model == "tiny-digits":
+        return dict(_DIGITS_DEFAULTS, lora_rank=0, **({"lr": 3e-3} if lora else {}))  # LoRA: 10x, as the other tiny
     real = "sd14" if family == "sd" else family  # _DEFAULTS is keyed by the real model's name
     d = dict(_DEFAULTS[real])
     if lora is None:

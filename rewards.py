@@ -15,6 +15,11 @@
 | | | DANCEGRPO_HPSV3_BASE: Qwen/Qwen2-VL-7B-Instruct (config, tokenizer) | |
 | brightness | none: mean Rec. 601 luma | - | [0, 1] |
 | jpeg_compressibility | none: -(JPEG size in kB at quality 95), as DDPO | - | negative kB |
+| digit | logistic regression on load_digits (digits.py), fitted in code | - (scikit-learn's bundled data) | P(target), [0, 1] |
+| digit_judge | RBF SVM on load_digits (digits.py), for evaluation only | - | 1 if judged the target, else 0 |
+
+The digit rewards score the target digit (build_scorers' target_digit, --target_digit; default 3) on the image
+turned grey (mean over channels) and area-averaged to 8x8 (digits.features); `digit@0.5` is the binary reward.
 
 The CLIP-family rewards take the OpenAI CLIP BPE tokenizer (context 77) from the model folder when
 it has one, else from DANCEGRPO_CLIP_TOKENIZER: laion/CLIP-ViT-H-14-laion2B-s32B-b79K. `clip` reads
@@ -591,6 +596,32 @@ def hpsv3(device, path=None, base=None, dtype=None):
     return score
 
 
+def digit(device=None, target=3):
+    """The digits demo's reward: a logistic-regression classifier's probability that the image is `target`."""
+    import digits  # scikit-learn and the data only when a digit reward is used
+    _check_digit(target)
+
+    def score(images, prompts):
+        return torch.from_numpy(digits.probabilities(images)[:, target])
+    return score
+
+
+def digit_judge(device=None, target=3):
+    """For evaluation only: 1.0 where an independent classifier (an RBF SVM) judges the image `target`, else 0.0,
+    so the mean over samples is the fraction of the target digit."""
+    import digits
+    _check_digit(target)
+
+    def score(images, prompts):
+        return torch.from_numpy(digits.judged(images) == target).float()
+    return score
+
+
+def _check_digit(target):
+    if target not in range(10):
+        raise ValueError(f"the target digit must be one of 0..9, got {target!r}")
+
+
 # ---------------------------------------------------------------- registry and --reward spec
 
 def _checked(name, constructor, video_model=False):
@@ -631,6 +662,8 @@ REWARDS = {
     "hpsv3": _checked("hpsv3", hpsv3),
     "brightness": _checked("brightness", brightness),
     "jpeg_compressibility": _checked("jpeg_compressibility", jpeg_compressibility),
+    "digit": _checked("digit", digit),
+    "digit_judge": _checked("digit_judge", digit_judge),
 }
 
 
@@ -657,14 +690,16 @@ def parse_reward_spec(spec: str) -> list[RewardSpec]:
     return specs
 
 
-def build_scorers(specs, device, video_fps=None):
+def build_scorers(specs, device, video_fps=None, target_digit=3):
     """One scorer per spec, thresholded to 0/1 where the spec has a threshold; a model used by
     several specs (e.g. 'hps:1,hps@0.28:0.5') is built once. video_fps: the frame rate the videos
     play at (train_video's --fps); VideoAlign samples its frames by it, as the official scripts,
-    which save each video at --fps and let VideoAlign read it back."""
+    which save each video at --fps and let VideoAlign read it back. target_digit: the digit that
+    `digit` and `digit_judge` reward (--target_digit)."""
     def build(name):
         fps = {"fps": float(video_fps)} if video_fps and name.startswith("videoalign") else {}
-        return REWARDS[name](device, **fps)
+        target = {"target": int(target_digit)} if name in ("digit", "digit_judge") else {}
+        return REWARDS[name](device, **fps, **target)
     base = {name: build(name) for name in dict.fromkeys(s.name for s in specs)}
 
     def binary(fn, threshold):

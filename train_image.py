@@ -28,7 +28,7 @@ import models
 import rewards
 import sde
 
-IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd", "sd35", "tiny-sd35", "qwenimage", "tiny-qwenimage")
+IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd", "sd35", "tiny-sd35", "qwenimage", "tiny-qwenimage", "tiny-digits")
 DEFAULT_PROMPTS = [
     "a photo of a cat", "a red sports car on a mountain road", "a bowl of fruit on a wooden table",
     "a lighthouse at sunset", "an astronaut riding a horse", "a cozy cabin in the snow",
@@ -76,6 +76,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--kl_coef", type=float, default=0.0, help="KL toward the initial policy (Flow-GRPO's beta; 0 = off)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target_digit", type=int, default=3, choices=range(10), help="the digit the digit rewards ask for")
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
                                                         "tiny: at the end)")
     p.add_argument("--keep_checkpoints", type=int, help="newest checkpoints kept on disk (0 = all; default 2, video 3)")
@@ -526,7 +527,7 @@ def main(argv=None):
     # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device)
+        scorers = rewards.build_scorers(specs, device, target_digit=args.target_digit)
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")

@@ -34,8 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import models
-
 SPLIT_SEED = 0  # the one train/test split of load_digits: 75% / 25%, stratified by digit
 DIGIT_SIZE = 8
 
@@ -126,6 +124,7 @@ def pretrain(steps=4000, batch_size=128, lr=2e-3, seed=0, log_every=500):
     x_sigma = (1 - sigma) x_0 + sigma x_1, and the network (models.predict, the path GRPO trains) regresses the
     velocity x_1 - x_0 (MSE), so x_0_hat = x - sigma v as sde.py assumes. AdamW, lr cosine-decayed to 0.
     Every draw comes from one generator seeded by `seed`; the weights start from torch.manual_seed(seed)."""
+    import models  # here, not at the top: the rewards use the data and classifiers without diffusers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = models.digits_pipeline(weights=None)
@@ -166,6 +165,7 @@ def save_weights(pipe, path, command=""):
 
 
 def main(argv=None):
+    import models
     p = argparse.ArgumentParser(description="the digits demo's generator: pretrain it, write its weights")
     p.add_argument("--pretrain", action="store_true", help="pretrain tiny-digits and write --out")
     p.add_argument("--out", default=str(models.DIGITS_WEIGHTS))

@@ -6,6 +6,7 @@ Gaussian transition x_t -> x_{t-1} ~ N(mean, std^2); its log-density is what the
 clipped GRPO objective (grpo.py) compares before and after an update.
 
   flow_sigmas     the rectified-flow noise schedule with the SD3 time shift
+  flow_grpo_etas  per-step etas that make flow_sde_step Flow-GRPO's SDE (SD3.5-M)    arXiv 2505.05470
   flow_sde_step   one step of the rectified-flow SDE (FLUX, HunyuanVideo, SkyReels)   Sec. 3.2
   ddim_sde_step   one step of the DDIM SDE (Stable Diffusion), as in DDPO            Sec. 3.2
   rollout         a whole batched trajectory, keeping every latent and log-prob; an eta per step
@@ -39,6 +40,34 @@ def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
+def flow_grpo_etas(schedule: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Per-step eta for flow_sde_step that gives Flow-GRPO's SDE (Liu et al. 2025, arXiv 2505.05470), whose
+    noise per unit time grows with the noise level (yifan123/flow_grpo at ac4c86e,
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:44, 47):
+
+      eta_i = a * sqrt(sigma_i / (1 - s_i)),   s_i = schedule[1] where sigma_i == 1, else sigma_i
+
+    Only the denominator's sigma is replaced (1 - 1 would divide by 0); the numerator stays 1, so the
+    first step of a schedule from 1 gets eta_0 = a / sqrt(1 - schedule[1]).
+    Why eta_i is all it takes: with dt = sigma_next - sigma = -delta their mean (:50) is
+      x (1 - eta^2 delta / (2 sigma)) - v delta (1 + eta^2 (1 - sigma) / (2 sigma)),
+    and flow_sde_step's  x - delta v + eta^2 / 2 delta score  with  score = -(x + (1 - sigma) v) / sigma
+    (x - (1 - sigma)(x - sigma v) = sigma x + sigma (1 - sigma) v) expands to the same. Their step std
+    std_dev_t sqrt(-dt) (:59) is flow_sde_step's eta sqrt(delta), and their log_prob (:61-68) is the same
+    Gaussian density averaged over non-batch dims. They return std_dev_t itself (eta_i, per unit time)
+    where flow_sde_step returns the step's std eta_i sqrt(delta).
+
+    schedule: the sigmas Tensor[T + 1], 1 -> 0 (e.g. models.flow_schedule). noise_level: a (0.7 in Flow-GRPO).
+    Returns float32 Tensor[T]; step i goes from schedule[i] to schedule[i + 1] with eta_i.
+    """
+    if schedule.ndim != 1 or len(schedule) < 2 or noise_level < 0:
+        raise ValueError(f"need a 1-D schedule of T + 1 >= 2 sigmas and noise_level >= 0, got shape "
+                         f"{tuple(schedule.shape)} and {noise_level}")
+    sigma = schedule[:-1].float()  # [T], where each step starts
+    denominator = 1 - torch.where(sigma == 1, schedule[1].float(), sigma)  # [T]
+    return (sigma / denominator).sqrt() * noise_level  # [T]
+
+
 def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
     """A float or a [B] tensor -> float32 tensor [B, 1, ..., 1] that broadcasts against `like`."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
@@ -50,7 +79,7 @@ def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_inputs(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, eta, names: str) -> None:
-    if eta < 0:
+    if bool((torch.as_tensor(eta) < 0).any()):
         raise ValueError(f"eta must be >= 0, got {eta}")
     if model_output.shape != latents.shape:
         raise ValueError(f"{names} must have the same shape as latents, got {tuple(model_output.shape)} and {tuple(latents.shape)}")
@@ -107,7 +136,7 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     Args:
       velocity, latents: [B, ...] (any layout: [B,C,H,W], packed [B,L,D], video [B,C,T,H,W]).
       sigma, sigma_next: floats or [B] tensors (one noise level per sample), sigma > sigma_next >= 0.
-      eta: noise scale >= 0.
+      eta: noise scale >= 0, a float or a [B] tensor (one per sample, e.g. flow_grpo_etas(...)[steps]).
       prev_sample: the x_{t-1} whose log-prob to compute (training); sampled when None (rollout).
       generator: torch.Generator for the sampled noise, or a list splitting the batch into equal parts.
     Returns:
@@ -116,6 +145,7 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     _check_inputs(velocity, latents, prev_sample, eta, "velocity")
     sigma = _per_sample(sigma, latents, "sigma")
     sigma_next = _per_sample(sigma_next, latents, "sigma_next")
+    eta = _per_sample(eta, latents, "eta")  # [B, 1, ...]: a float and a tensor of its float32 value step alike
     if not bool((sigma > sigma_next).all()) or not bool((sigma_next >= 0).all()) or not bool((sigma <= 1).all()):
         raise ValueError("need 1 >= sigma > sigma_next >= 0 (the flow runs from noise at 1 to data at 0)")
     x, v = latents.float(), velocity.float()
@@ -141,13 +171,14 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_samp
     Args:
       noise_pred, latents: [B, ...], epsilon prediction and x_t.
       alpha_bar, alpha_bar_prev: cumulative alphas a_t < a_prev, floats or [B] tensors.
-      eta, prev_sample, generator: as in flow_sde_step.
+      eta, prev_sample, generator: as in flow_sde_step (eta a float or a [B] tensor).
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
     _check_inputs(noise_pred, latents, prev_sample, eta, "noise_pred")
     a_t = _per_sample(alpha_bar, latents, "alpha_bar")
     a_prev = _per_sample(alpha_bar_prev, latents, "alpha_bar_prev")
+    eta = _per_sample(eta, latents, "eta")  # [B, 1, ...]
     if not bool((a_t > 0).all()) or not bool((a_prev <= 1).all()) or not bool((a_t < a_prev).all()):
         raise ValueError("need 0 < alpha_bar < alpha_bar_prev <= 1 (DDIM runs from noise towards data)")
     x, eps = latents.float(), noise_pred.float()

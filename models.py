@@ -281,7 +281,9 @@ def _tiny_sd35():
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3.5-Medium's scheduler_config.json
+    # SD3.5-Medium's scheduler/scheduler_config.json on the hub: FlowMatchEulerDiscreteScheduler, num_train_timesteps
+    # 1000, shift 3.0, every other key at its default (no dynamic shifting)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
                                     text_encoder_2=clip2, tokenizer_2=clip2_tok, text_encoder_3=t5,
                                     tokenizer_3=t5_tok, transformer=transformer)
@@ -536,6 +538,28 @@ def ddim_schedule(pipe, num_steps):
     timesteps = scheduler.timesteps.long()  # [T]
     alpha_bars = torch.cat([scheduler.alphas_cumprod[timesteps], scheduler.final_alpha_cumprod.reshape(1)])
     return timesteps, alpha_bars.float()
+
+
+def flow_schedule(pipe, num_steps):
+    """The sigmas Tensor[T + 1] a flow pipeline samples with by itself: its FlowMatchEulerDiscreteScheduler's
+    set_timesteps(T) with no sigmas given, as StableDiffusion3Pipeline's retrieve_timesteps and Flow-GRPO's rollout
+    (yifan123/flow_grpo flow_grpo/diffusers_patch/sd3_pipeline_with_logprob.py:119-127, sigmas=None) call it:
+
+      sigma_min = shift(1 / N)              the scheduler's smallest training sigma (N = num_train_timesteps)
+      t = linspace(1, sigma_min, T), sigma = shift(t) = s t / (1 + (s - 1) t), then a trailing 0
+
+    (diffusers scheduling_flow_match_euler_discrete.py, __init__ and set_timesteps). This is not
+    sde.flow_sigmas(T, s), the shift of linspace(1, 0, T + 1): SD3.5-M (s = 3, N = 1000) at T = 10 ends its last
+    step at sigma 0.0089 where flow_sigmas has 0.25. Only for schedulers without resolution-dependent shifting
+    (SD3.5, Wan as loaded here); the network's timestep is sigma (predict multiplies by 1000 where the pipeline does).
+    """
+    scheduler = pipe.scheduler
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or scheduler.config.use_dynamic_shifting:
+        raise ValueError(f"flow_schedule needs a FlowMatchEulerDiscreteScheduler without dynamic shifting, got "
+                         f"{type(scheduler).__name__} (use_dynamic_shifting={scheduler.config.get('use_dynamic_shifting')})")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # a copy: set_timesteps mutates it
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.float()  # [T + 1], 1 -> 0
 
 
 @torch.no_grad()

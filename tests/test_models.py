@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import models
 import sde
@@ -271,6 +272,46 @@ def test_sd_ddim_schedule_matches_ddim_scheduler():
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         mine = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         torch.testing.assert_close(mine, sched.step(eps, timesteps[i], x, eta=0.0).prev_sample)
+
+
+def test_tiny_sd35_scheduler_is_sd35_mediums():
+    """stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json: FlowMatchEulerDiscreteScheduler with
+    num_train_timesteps 1000 and shift 3.0, nothing else set (every other key at the class default)."""
+    hub = FlowMatchEulerDiscreteScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                       "num_train_timesteps": 1000, "shift": 3.0})
+    scheduler = models.load_pipeline("tiny-sd35").scheduler
+    assert type(scheduler) is FlowMatchEulerDiscreteScheduler
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+    assert public(scheduler.config) == public(hub.config)
+
+
+def test_flow_schedule_is_the_sd35_pipelines_own():
+    """models.flow_schedule against the sigmas StableDiffusion3Pipeline.__call__ really samples with (its scheduler after
+    the call, and the timesteps its transformer receives), and against a hand computation from diffusers' formulas."""
+    pipe = models.load_pipeline("tiny-sd35")
+    sigmas = models.flow_schedule(pipe, 10)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0].item()),
+                                                      with_kwargs=True)
+    try:
+        pipe(prompt=PROMPTS[:1], height=H, width=W, num_inference_steps=10, guidance_scale=4.5, output_type="latent",
+             max_sequence_length=models.TINY_TEXT_LEN, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert sigmas.shape == (11,) and sigmas.dtype == torch.float32
+    assert torch.equal(sigmas, pipe.scheduler.sigmas)
+    torch.testing.assert_close(torch.tensor(seen) / 1000, sigmas[:-1])  # predict passes sigma * 1000 the same way
+    shift = lambda t: 3 * t / (1 + 2 * t)  # shift 3
+    t = torch.linspace(1, shift(torch.tensor(1 / 1000, dtype=torch.float64)), 10, dtype=torch.float64)
+    hand = torch.cat([shift(t), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(sigmas.double(), hand, rtol=1e-6, atol=1e-7)
+    assert (sigmas - sde.flow_sigmas(10, 3.0)).abs().max() > 0.2  # not DanceGRPO's schedule: 0.0089 vs 0.25 at step 9
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd"])
+def test_flow_schedule_refuses_resolution_shifted_or_ddim_schedulers(name):
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        models.flow_schedule(models.load_pipeline(name), 10)
 
 
 def test_sd_cfg_equals_two_separate_unet_calls():

@@ -7,7 +7,8 @@
   select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
   sde_window                MixGRPO's sliding window of SDE (and trained) steps  arXiv 2507.21802
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
-  gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
+  gaussian_kl               KL of one step to a reference policy, per sample (the paper has none)
+  kl_penalty                Flow-GRPO's kl_loss: gaussian_kl times the step's length in sigma   arXiv 2505.05470
   groups_without_spread     fraction of groups whose rewards are all equal (no gradient)
   update_health             approx_kl (k3) and, per sampling step, mean |r - 1| and the clipped fraction
 
@@ -68,7 +69,7 @@ def clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
     loss is sum_k w_k * loss(A_k), one clipped loss per reward as the official HunyuanVideo script
     (vq_coef * L(A_vq) + mq_coef * L(A_mq)). That differs from one loss of the weighted advantage
     sum_k w_k A_k once a ratio leaves the clip range and the rewards' advantages differ in sign.
-    No KL term: the paper drops it (see gaussian_kl for an optional one). Returns a scalar.
+    No KL term: the paper drops it (see kl_penalty and gaussian_kl for optional ones). Returns a scalar.
     """
     rows = advantages if advantages.ndim == 2 else advantages[None]  # [K, M]
     weights = [1.0] if weights is None else list(weights)
@@ -161,6 +162,29 @@ def gaussian_kl(mean, ref_mean, std):
     reference policy (as Flow-GRPO adds); DanceGRPO trains without it. Returns Tensor[B]."""
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def kl_penalty(mean, ref_mean, std, sigma, sigma_next):
+    """Flow-GRPO's KL loss per sample (yifan123/flow_grpo at ac4c86e, scripts/train_sd3.py:895-897, beta 0.01 in
+    config/grpo.py:128 pickscore_sd3):
+
+      kl = mean_d (mean - ref_mean)^2 / (2 std_dev_t^2),   std_dev_t = std / sqrt(sigma - sigma_next)
+
+    std_dev_t is the noise per unit time (sd3_sde_with_logprob.py:47, which they return), not the step's std
+    std_dev_t sqrt(sigma - sigma_next) (:59) that both policies share, so this is (sigma - sigma_next) times the
+    step's true KL gaussian_kl(mean, ref_mean, std). They reduce with mean(dim=(1, 2, 3), keepdim=True), divide by
+    std_dev_t [B, 1, 1, 1], then take torch.mean over the batch: this returns the [B] values before that mean.
+
+    mean, ref_mean: [B, ...] the step's mean under the policy and under the reference; std: the step's std
+    [B, 1, ...] (flow_sde_step's); sigma, sigma_next: floats or [B] tensors. Returns Tensor[B] float32.
+    """
+    if std.numel() not in (1, mean.shape[0]):
+        raise ValueError(f"std must be one value per sample [B, 1, ...] (B={mean.shape[0]}), got shape {tuple(std.shape)}")
+    delta = torch.as_tensor(sigma, dtype=torch.float32, device=mean.device) - torch.as_tensor(
+        sigma_next, dtype=torch.float32, device=mean.device)  # [B] or []
+    std_dev_t_sq = std.float().flatten() ** 2 / delta  # [B]: std^2 = std_dev_t^2 (sigma - sigma_next)
+    squared = (mean.float() - ref_mean.float()) ** 2
+    return squared.mean(dim=tuple(range(1, squared.ndim))) / (2 * std_dev_t_sq)  # [B]
 
 
 def groups_without_spread(rewards: torch.Tensor, group_size: int) -> float:

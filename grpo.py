@@ -9,7 +9,7 @@
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
   gaussian_kl               KL of one step to a reference policy, per sample (the paper has none)
   kl_penalty                Flow-GRPO's kl_loss: gaussian_kl times the step's length in sigma   arXiv 2505.05470
-  groups_without_spread     fraction of groups whose rewards are all equal (no gradient)
+  groups_without_spread     fraction of groups whose rewards are equal at float32 resolution (no gradient)
   update_health             approx_kl (k3) and, per sampling step, mean |r - 1| and the clipped fraction
 
 Every function depends on torch and math only and may be copied on its own.
@@ -25,12 +25,27 @@ def _check_groups(n: int, group_size: int) -> None:
         raise ValueError(f"the number of samples ({n}) must be a multiple of group_size ({group_size})")
 
 
+def _without_spread(r: torch.Tensor) -> torch.Tensor:
+    """Groups r [..., G] (float32) whose rewards do not differ at float32 resolution -> bool [...].
+
+    Rule: max - min <= G * eps * max|r|, eps = 2^-23 (float32's machine epsilon). A float32 sum of G rewards errs
+    by up to (G - 1) u sum|r_i| with u = eps / 2 (recursive summation, Higham 2002, "Accuracy and Stability of
+    Numerical Algorithms", Sec. 4.2), so their float32 mean errs by up to G u max|r| = (G / 2) eps max|r|. Within
+    the rule's range that error is at least half the range: the deviations r_i - mean, and their z-scores, are
+    rounding, not reward: twelve float32 copies of 0.3 (range 0) have a float32 std of 3e-8 and, z-scored,
+    advantages near 1 (up to the clip for other values). Equal rewards (all 0 too) are always without spread.
+    """
+    scale = r.abs().amax(dim=-1)  # [...]
+    return r.amax(dim=-1) - r.amin(dim=-1) <= r.shape[-1] * torch.finfo(torch.float32).eps * scale
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) -> torch.Tensor:
     """Advantages A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-8), clipped to [-clip, clip].
 
     rewards: Tensor[N], N = num_prompts * group_size, the G samples of one prompt consecutive.
-    The std is the unbiased one (torch.std), as in the official code. A group whose rewards are
-    all equal gets zero advantages (and so no gradient), not NaN.
+    The std is the unbiased one (torch.std), as in the official code. A group without spread (its
+    rewards equal at float32 resolution, _without_spread) gets advantages exactly 0 (no gradient),
+    neither NaN nor the z-scores of rounding noise.
     Returns Tensor[N] float32.
     """
     if rewards.ndim != 1:
@@ -38,6 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) 
     _check_groups(rewards.shape[0], group_size)
     r = rewards.float().view(-1, group_size)  # [P, G]
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-8)  # Eq. (4)
+    adv = torch.where(_without_spread(r)[:, None], torch.zeros_like(adv), adv)  # [P, G]
     return adv.clamp(-clip, clip).flatten()
 
 
@@ -188,13 +204,14 @@ def kl_penalty(mean, ref_mean, std, sigma, sigma_next):
 
 
 def groups_without_spread(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of prompt groups whose rewards are all equal, for every reward: their advantages are 0
-    and they give no gradient. rewards: Tensor[N] or [K, N]. A rising value warns of a saturated or
-    binary reward (every sample passes, or none does) or of samples that no longer differ (collapse)."""
+    """Fraction of prompt groups without spread (equal at float32 resolution, the rule group_advantages
+    zeroes by) in every reward: their advantages are 0 and they give no gradient. rewards: Tensor[N] or
+    [K, N]. A rising value warns of a saturated or binary reward (every sample passes, or none does) or
+    of samples that no longer differ (collapse)."""
     rows = rewards if rewards.ndim == 2 else rewards[None]  # [K, N]
     _check_groups(rows.shape[1], group_size)
-    r = rows.reshape(rows.shape[0], -1, group_size)  # [K, P, G]
-    return (r == r[..., :1]).all(dim=2).all(dim=0).float().mean().item()
+    r = rows.float().reshape(rows.shape[0], -1, group_size)  # [K, P, G]
+    return _without_spread(r).all(dim=0).float().mean().item()
 
 
 def update_health(ratios, steps, num_steps: int, clip_range: float) -> dict:

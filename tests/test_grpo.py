@@ -24,6 +24,37 @@ def test_constant_group_gives_zero_advantages_not_nan():
     assert torch.all(adv[:3] == 0) and adv[3:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("value", [0.3, 0.1, 1 / 3, 1234.567])
+def test_equal_rewards_not_representable_in_float32_give_exactly_zero(value):
+    """Twelve equal rewards: float32 rounding of their mean gives them a std of ~1e-8 relative, whose z-scores
+    were O(1); they have no spread and get advantage 0 exactly, and groups_without_spread counts them."""
+    spread = torch.linspace(0, 1, 12)
+    rewards = torch.cat([torch.full((12,), value), spread])  # a constant group, then one with spread
+    adv = grpo.group_advantages(rewards, group_size=12)
+    assert torch.equal(adv[:12], torch.zeros(12))
+    assert adv[12:].abs().sum() > 1
+    assert grpo.groups_without_spread(rewards, 12) == 0.5
+    assert torch.equal(grpo.group_advantages(torch.full((12,), value, dtype=torch.float64), 12), torch.zeros(12))
+
+
+def test_a_one_ulp_difference_is_no_spread():
+    rewards = torch.full((12,), 0.3)
+    rewards[5] = torch.nextafter(rewards[5], torch.tensor(1.0))  # one float32 ulp (3e-8) above the rest
+    assert torch.equal(grpo.group_advantages(rewards, 12), torch.zeros(12))
+    assert grpo.groups_without_spread(rewards, 12) == 1.0
+
+
+def test_a_tiny_genuine_spread_keeps_its_z_scores():
+    """A spread of 1e-4 on 0.3 (~3000 float32 ulps, far above the G eps max|r| = 4e-7 rule) is z-scored as usual."""
+    rewards = 0.3 + 1e-4 * torch.arange(12, dtype=torch.float32)
+    r = [float(v) for v in rewards]  # the float32 values, in double precision
+    mean = sum(r) / 12
+    std = math.sqrt(sum((v - mean) ** 2 for v in r) / 11)  # unbiased
+    expected = torch.tensor([(v - mean) / (std + 1e-8) for v in r], dtype=torch.float64)
+    torch.testing.assert_close(grpo.group_advantages(rewards, 12).double(), expected, rtol=1e-4, atol=1e-4)
+    assert grpo.groups_without_spread(rewards, 12) == 0.0
+
+
 def test_advantages_are_clipped():
     rewards = torch.tensor([0.0] * 99 + [1.0])  # the outlier's z-score is ~9.9
     adv = grpo.group_advantages(rewards, group_size=100, clip=5.0)

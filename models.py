@@ -459,8 +459,9 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
     """One network call on latents [B, ...] (step layout) at t: Tensor[B] (sigma in [0, 1] for flow models, the
     integer DDPM timestep for SD). Returns velocity (flow) or epsilon (SD) in float32, same shape as latents.
 
-    FLUX / Hunyuan: guidance_scale is the embedded guidance, one call. SD / SkyReels: classifier-free guidance,
-    uncond and cond batched in one call: uncond + s * (cond - uncond)."""
+    FLUX / Hunyuan: guidance_scale is the embedded guidance, one call. SD / SD3.5 / Wan / SkyReels: classifier-free
+    guidance, uncond and cond batched in one call: uncond + s * (cond - uncond); for SD3.5 the gradient flows through
+    the conditional branch only (Flow-GRPO's detach), the others train both branches as their official code."""
     family, net = _family(pipe), trained_module(pipe)
     dtype, B = net.dtype, latents.shape[0]
     x = latents.to(dtype)
@@ -477,17 +478,19 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
     elif family == "sd":
         if guidance_scale == 1.0:
             out = net(x, t, encoder_hidden_states=c["prompt_embeds"], return_dict=False)[0]
-        else:  # DDIM's scale_model_input is the identity, so the latents go in as they are
+        else:  # DDIM's scale_model_input is the identity; both branches train (DanceGRPO train_grpo_sd.py:611-622)
             eps = net(torch.cat([x, x]), torch.cat([t, t]), return_dict=False,
                       encoder_hidden_states=torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]]))[0]
             uncond, text = eps.float().chunk(2)
             return uncond + guidance_scale * (text - uncond)
     elif family == "sd35":  # StableDiffusion3Pipeline passes the scheduler's timestep sigma * 1000
+        # Flow-GRPO trains through the conditional branch only: noise_pred_uncond.detach() (scripts/train_sd3.py:190)
         return _guided(lambda x, t, prompt_embeds, pooled_prompt_embeds: net(
             hidden_states=x, timestep=t * 1000, encoder_hidden_states=prompt_embeds,  # x: [B, 16, h, w]
             pooled_projections=pooled_prompt_embeds, return_dict=False)[0],
-            x, t.float(), c, ("prompt_embeds", "pooled_prompt_embeds"), guidance_scale)
+            x, t.float(), c, ("prompt_embeds", "pooled_prompt_embeds"), guidance_scale, detach_uncond=True)
     elif family == "wan":  # WanPipeline passes the scheduler's timestep sigma * 1000
+        # both branches keep their gradient, as DanceGRPO's grpo_one_step (train_grpo_wan_2_1.py:238-248)
         return _guided(lambda x, t, prompt_embeds: net(hidden_states=x, timestep=t * 1000,  # x: [B, C, f, h, w]
                                                        encoder_hidden_states=prompt_embeds, return_dict=False)[0],
                        x, t.float(), c, ("prompt_embeds",), guidance_scale)
@@ -518,14 +521,16 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
     return out.float()
 
 
-def _guided(call, x, t, cond, keys, guidance_scale):
+def _guided(call, x, t, cond, keys, guidance_scale, detach_uncond=False):
     """Classifier-free guidance, uncond + s * (cond - uncond) in float32, the two branches batched in one call
     (the pipelines make one batched call too, Wan two; the official Wan GRPO one). The unconditional branch reads
-    the `negative_<key>` entries of cond; guidance_scale 1 is a single conditional call. call(x, t, **cond)."""
+    the `negative_<key>` entries of cond; guidance_scale 1 is a single conditional call. call(x, t, **cond).
+    detach_uncond: no gradient through the unconditional branch (same value), so d out = s d cond."""
     if guidance_scale == 1.0:
         return call(x, t, **{k: cond[k] for k in keys}).float()
     out = call(torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([cond[k], cond["negative_" + k]]) for k in keys})
     text, uncond = out.float().chunk(2)
+    uncond = uncond.detach() if detach_uncond else uncond
     return uncond + guidance_scale * (text - uncond)
 
 

@@ -314,6 +314,38 @@ def test_flow_schedule_refuses_resolution_shifted_or_ddim_schedulers(name):
         models.flow_schedule(models.load_pipeline(name), 10)
 
 
+def _grads(net, scalar):
+    net.zero_grad(set_to_none=True)
+    scalar().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-wan"])
+def test_cfg_training_gradient_flows_as_the_official_code(name):
+    """SD3.5 (Flow-GRPO train_sd3.py:190, noise_pred_uncond.detach()): the gradient of the guided prediction is
+    s times the conditional branch's. Wan (DanceGRPO train_grpo_wan_2_1.py:238-248, no detach): s cond + (1 - s) uncond.
+    Each branch is called here on its own, as predict calls the transformer for it. float64 weights: batched and
+    single float32 calls differ by ~1e-6, more than the effect of predict's float32 guidance arithmetic (~1e-7)."""
+    pipe, s = models.load_pipeline(name, dtype=torch.float64), 4.5
+    cond, net = models.encode_prompts(pipe, PROMPTS[:2], "cpu"), pipe.transformer
+    x, t = noise(pipe, name, 2), torch.tensor([0.9, 0.4])
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))  # any scalar of the output
+    extra = {"pooled_projections": cond["pooled_prompt_embeds"]} if name == "tiny-sd35" else {}
+    neg = {"pooled_projections": cond["negative_pooled_prompt_embeds"]} if name == "tiny-sd35" else {}
+    branch = lambda embeds, kw: net(hidden_states=x.double(), timestep=t * 1000, encoder_hidden_states=embeds, **kw,
+                                    return_dict=False)[0].float()
+    guided = _grads(net, lambda: (models.predict(pipe, x, t, cond, s, H, W) * w).sum())
+    text = _grads(net, lambda: (branch(cond["prompt_embeds"], extra) * w).sum())
+    uncond = _grads(net, lambda: (branch(cond["negative_prompt_embeds"], neg) * w).sum())
+    assert len(guided) == len(text) == len(uncond) > 0
+    for g, gt, gu in zip(guided, text, uncond):
+        expected = s * gt if name == "tiny-sd35" else s * gt + (1 - s) * gu
+        # predict's float32 guidance: each parameter's gradient is right to ~1e-7 of its largest element
+        torch.testing.assert_close(g, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
 def test_sd_cfg_equals_two_separate_unet_calls():
     pipe = models.load_pipeline("tiny-sd")
     cond = models.encode_prompts(pipe, PROMPTS, "cpu")

@@ -195,7 +195,7 @@ def kl_penalty(mean, ref_mean, std, sigma, sigma_next):
     [B, 1, ...] (flow_sde_step's); sigma, sigma_next: floats or [B] tensors. Returns Tensor[B] float32.
     """
     if std.numel() not in (1, mean.shape[0]):
-        raise ValueError(f"std must be one value per sample [B, 1, ...] (B={mean.shape[0]}), got shape {tuple(std.shape)}")
+        raise ValueError(f"std must be one value per sample [B, 1, ...], B={mean.shape[0]}, got {tuple(std.shape)}")
     delta = torch.as_tensor(sigma, dtype=torch.float32, device=mean.device) - torch.as_tensor(
         sigma_next, dtype=torch.float32, device=mean.device)  # [B] or []
     std_dev_t_sq = std.float().flatten() ** 2 / delta  # [B]: std^2 = std_dev_t^2 (sigma - sigma_next)

@@ -560,8 +560,9 @@ def flow_schedule(pipe, num_steps):
     """
     scheduler = pipe.scheduler
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or scheduler.config.use_dynamic_shifting:
+        shifting = scheduler.config.get("use_dynamic_shifting")
         raise ValueError(f"flow_schedule needs a FlowMatchEulerDiscreteScheduler without dynamic shifting, got "
-                         f"{type(scheduler).__name__} (use_dynamic_shifting={scheduler.config.get('use_dynamic_shifting')})")
+                         f"{type(scheduler).__name__} (use_dynamic_shifting={shifting})")
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # a copy: set_timesteps mutates it
     scheduler.set_timesteps(num_steps)
     return scheduler.sigmas.float()  # [T + 1], 1 -> 0

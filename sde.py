@@ -201,7 +201,7 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
       schedule: Tensor[T + 1], sigmas 1 -> 0 (flow) or cumulative alphas a_T -> a_final (ddim);
         step i goes from schedule[i] to schedule[i + 1].
       eta: SDE noise scale, one float for every step, or a sequence of T floats, one per step
-        (window_etas). A step with eta 0 is an ODE step (Euler / deterministic DDIM): no noise is
+        (window_etas, flow_grpo_etas). A step with eta 0 is an ODE step (Euler / deterministic DDIM): no noise is
         drawn from the generator and its log-prob is NaN, i.e. none is kept (it is not a policy step).
       kind: "flow" or "ddim".
       generator: torch.Generator for the per-step noise, or a list (one per equal slice of the batch).

@@ -49,7 +49,7 @@ def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
 @pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-wan"])
 def test_tiny_preset_learns_to_make_brighter_videos(model, tmp_path):
     """The preset's defaults (tiny-hunyuan: 8 sampled, 4 kept per prompt; tiny-wan: single frames) in a
-    15-iteration run: the reward clearly rises (full 40-iteration runs: README, Measured)."""
+    15-iteration run: the reward clearly rises (full 40-iteration runs: docs/measured.md)."""
     train_video.main(["--model", model, "--reward", "brightness", "--output_dir", str(tmp_path),
                       "--iterations", "15"])
     r = [row["reward_mean"] for row in read_metrics(tmp_path)]

@@ -177,7 +177,8 @@ def official_rollout(setup, cond, groups, schedule, args, device):
     """Batch-1 rollouts (official sample_reference_model: batch_size = 1). Each group's noise is drawn from
     (a)'s generators in (a)'s order, so sample s sees the noise (a) gave it."""
     pipe, shape, call = setup.pipe, sampling.latent_shape(setup.pipe, args), call_settings(args)
-    G, T, model_t, schedule = args.group_size, len(schedule.model_t), schedule.model_t.to(device), schedule.levels.to(device)
+    G, T = args.group_size, len(schedule.model_t)
+    model_t, schedule = schedule.model_t.to(device), schedule.levels.to(device)
     all_latents, all_log_probs, finals = [], [], []
     for n, g in enumerate(groups):
         x_T = sde.group_noise(1, G, shape, seeded(args.seed, 0, g), args.same_noise).to(device)  # [G, ...]
@@ -211,14 +212,16 @@ def official_reward(setup, final, prompts, groups, args, folder):
         path = Path(folder) / f"flux_0_{i}.png"
         figures.to_pil(image)[0].save(path)
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None] / 255.0
-        scores.append(torch.stack([s(pixels.to(final.device), prompts[i:i + 1]).float() for s in setup.scorers]))  # [K, 1]
+        pixels = pixels.to(final.device)
+        scores.append(torch.stack([s(pixels, prompts[i:i + 1]).float() for s in setup.scorers]))  # [K, 1]
     return advantages_and_steps(torch.cat(scores, 1), setup.specs, groups, args)
 
 
 def official_update(pipe, batch, args, device):
     """For each sample, for each of its timesteps: forward (batch 1), clipped loss / (N k), backward."""
     n, k = batch["steps"].shape
-    schedule, model_t, call = batch["schedule"].levels.to(device), batch["schedule"].model_t.to(device), call_settings(args)
+    schedule, model_t = batch["schedule"].levels.to(device), batch["schedule"].model_t.to(device)
+    call = call_settings(args)
     for b in range(n):
         c = {key: v[b:b + 1] for key, v in batch["cond"].items()}
         for j in batch["steps"][b].tolist():

@@ -239,7 +239,8 @@ def held_out(pipe, evaluation, iteration, args, device, source=None) -> dict | N
     scores, _ = evaluate_policy(pipe, evaluation["prompts"], evaluation["scorers"], eval_args, device, source=source,
                                 desc="held-out")
     means = scores.mean(dim=(1, 2))  # [K]
-    return dict(iteration=iteration, eval_reward_mean=sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item(),
+    total = sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item()
+    return dict(iteration=iteration, eval_reward_mean=total,
                 **{f"eval_reward_{label(s)}": m.item() for s, m in zip(evaluation["specs"], means)})
 
 

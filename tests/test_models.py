@@ -86,7 +86,8 @@ def test_predict_shape_finite_and_prompt_dependent(tiny):
     name, pipe, cond, extra = tiny
     x = noise(pipe, name, 1).repeat(3, *[1] * (noise(pipe, name, 1).dim() - 1))  # same latents for all prompts
     with torch.no_grad():
-        out = models.predict(pipe, x, timesteps(name, 3), cond, guidance_scale=models.model_defaults(name)["guidance_scale"], height=H, width=W,
+        g = models.model_defaults(name)["guidance_scale"]
+        out = models.predict(pipe, x, timesteps(name, 3), cond, guidance_scale=g, height=H, width=W,
                              extra=extra)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
@@ -188,7 +189,8 @@ def test_skyreels_predict_matches_pipeline_and_depends_on_image():
     v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=5.0, height=H, width=W, extra=extra)
     torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-4, rtol=1e-4)
     other = models.encode_image_condition(pipe, 1 - image, FRAMES, torch.Generator().manual_seed(4))
-    assert not torch.allclose(v, models.predict(pipe, x, torch.ones(2), cond, guidance_scale=5.0, height=H, width=W, extra=other))
+    other_v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=5.0, height=H, width=W, extra=other)
+    assert not torch.allclose(v, other_v)
 
 
 def _pipeline_call(pipe, name, x, steps, guidance):
@@ -221,8 +223,9 @@ def test_eta0_sampling_equals_the_pipelines_own_call(name):
     x, steps = noise(pipe, name, 2), 4
     sigmas = sde.flow_sigmas(steps, d["shift"])
     with torch.no_grad():
-        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, guidance_scale=d["guidance_scale"],
-                                                               height=H, width=W), x, sigmas, 0.0, "flow", None)
+        call = dict(guidance_scale=d["guidance_scale"], height=H, width=W)
+        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, **call),
+                                  x, sigmas, 0.0, "flow", None)
         reference = _pipeline_call(pipe, name, x, steps, d["guidance_scale"])
     torch.testing.assert_close(final, reference, atol=1e-5, rtol=1e-5)
     assert (final - x).abs().mean() > 0.1  # it did move
@@ -239,7 +242,8 @@ def test_qwenimage_template_prefix_is_dropped_and_padding_is_masked():
     alone = models.encode_prompts(pipe, ["zebra"], "cpu")
     x = noise(pipe, "tiny-qwenimage", 1)
     with torch.no_grad():
-        padded = models.predict(pipe, x, torch.full([1], 0.7), {k: v[:1] for k, v in cond.items()}, guidance_scale=1.0, height=H, width=W)
+        padded = models.predict(pipe, x, torch.full([1], 0.7), {k: v[:1] for k, v in cond.items()}, guidance_scale=1.0,
+                                height=H, width=W)
         single = models.predict(pipe, x, torch.full([1], 0.7), alone, guidance_scale=1.0, height=H, width=W)
     torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-5)
 

@@ -64,7 +64,8 @@ def test_lora_trains_only_adapter_weights_and_saves_a_loadable_lora(model, tmp_p
     x = models.initial_noise(fresh, 1, 32, 32, None, torch.Generator().manual_seed(0))
     cond, g = models.encode_prompts(fresh, ["a cat"], "cpu"), models.model_defaults(model)["guidance_scale"]
     t = torch.tensor([0.5])
-    torch.testing.assert_close(models.predict(fresh, x, t, cond, guidance_scale=g, height=32, width=32), models.predict(pipe, x, t, cond, guidance_scale=g, height=32, width=32))
+    call = dict(guidance_scale=g, height=32, width=32)
+    torch.testing.assert_close(models.predict(fresh, x, t, cond, **call), models.predict(pipe, x, t, cond, **call))
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd35", "tiny-qwenimage"])

@@ -96,7 +96,8 @@ def test_the_first_frame_reaches_the_transformer_and_changes_the_video(tmp_path)
     assert latents.shape == (2, 4, 3, 8, 8) and (latents[:, :, 1:] == 0).all() and not torch.equal(latents[0], latents[1])
     noise = models.initial_noise(pipe, 1, 32, 32, args.num_frames, torch.Generator().manual_seed(0)).expand(2, -1, -1, -1, -1)
     cond = models.encode_prompts(pipe, ["a cat", "a cat"], "cpu")
-    v = models.predict(pipe, noise, torch.tensor([0.7, 0.7]), cond, guidance_scale=args.guidance_scale, height=32, width=32, extra=extra)
+    v = models.predict(pipe, noise, torch.tensor([0.7, 0.7]), cond, guidance_scale=args.guidance_scale, height=32,
+                       width=32, extra=extra)
     assert (v[0] - v[1]).abs().max() > 1e-3
     schedule = sampling.schedule_for(pipe, args).with_eta(0.0)
     _, _, final = sampling.sample(pipe, cond, noise, schedule, args, None, extra=extra)

@@ -75,12 +75,13 @@ def read_network(folder, args, suffix="", state=None) -> dict:
     return load_file(folder / (subfolder + suffix) / "diffusion_pytorch_model.safetensors")
 
 
-def save(pipe, net, optimizer, args, iteration, rank, ema=None):
+def save(pipe, policy, args, iteration, rank):
     """checkpoint-<iteration>/: the network as a diffusers folder (or LoRA weights loadable with
     load_lora_weights), its EMA beside it (`transformer_ema/`), and trainer_state.pt. Written to a
     temporary folder, then renamed, so a crash mid-save leaves the previous checkpoint whole.
-    All ranks must call (FSDP gathers the shards)."""
+    policy: train_image.Policy (net, params, optimizer, ema). All ranks must call (FSDP gathers the shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    net, _, optimizer, ema = policy
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(net, options=opts)
     optim_state = get_optimizer_state_dict(net, optimizer, options=opts)
@@ -138,10 +139,11 @@ def copy_params(tensors, net):
             t.copy_(p)
 
 
-def load(path, pipe, net, optimizer, args, ema=None) -> int:
-    """Restore weights, optimizer and EMA (in place; a checkpoint without one starts the EMA from
+def load(path, policy, args) -> int:
+    """Restore weights, optimizer and EMA of `policy` (in place; a checkpoint without one starts the EMA from
     its weights); returns the iteration to start from."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    net, _, optimizer, ema = policy
     state = read_state(path)
     has_ema = read_meta(path)["ema"]
     opts = StateDictOptions(full_state_dict=True, strict=False)

@@ -29,7 +29,7 @@ import checkpoint
 import figures
 import models
 import rewards
-import train_image as ti
+import sampling
 
 # Held-out by default: none of these is one of train_image.DEFAULT_PROMPTS (tested).
 HELD_OUT_PROMPTS = [
@@ -126,48 +126,47 @@ def label(spec) -> str:
 # ----------------------------------------------------------------------------- sampling and scoring
 
 @torch.no_grad()
-def sample_and_score(pipe, prompts, indices, scorers, args, device, source=None, bar=None):
+def sample_and_score(pipe, prompts, indices, scorers, args, device, *, source=None, bar=None):
     """Sample args.samples_per_prompt (S) images or videos for each prompt index in `indices`, with args.eta,
     and score them. Prompt i's initial noise comes from seeded(seed, i) and its SDE noise from seeded(seed, i, 1)
     (SkyReels: its first frame from (seed, i, 3), (seed, i, 4)), so a sample does not depend on the batching or
     the rank that draws it. Returns scores [K, len(indices), S] and the first sample of each prompt [len(indices),
     (F,) 3, H, W] on the CPU."""
-    schedule, model_t, kind = ti.schedule_for(pipe, args)
+    schedule = sampling.schedule_for(pipe, args)  # at args.eta
     S, frames = args.samples_per_prompt, getattr(args, "num_frames", None)
     per_call = max(1, args.micro_batch // S)  # prompts per network call
     scores, firsts = [], []
     for start in range(0, len(indices), per_call):
         chunk = indices[start:start + per_call]
         batch_prompts = [prompts[i] for i in chunk for _ in range(S)]  # [n * S]
-        noise = torch.cat([models.initial_noise(pipe, S, args.height, args.width, frames, ti.seeded(args.seed, i))
+        noise = torch.cat([models.initial_noise(pipe, S, args.height, args.width, frames, sampling.seeded(args.seed, i))
                            for i in chunk]).to(device)
         cond, extra = models.encode_prompts(pipe, batch_prompts, device), None
         if source is not None:  # SkyReels: one first frame per prompt, shared by its S samples
-            import train_video
-            images = train_video.first_frames(source, [prompts[i] for i in chunk], [(args.seed, i, 3) for i in chunk],
-                                              args, device)
-            extra = train_video.image_condition(pipe, images, [(args.seed, i, 4) for i in chunk], frames, S)
-        generators = [ti.seeded(args.seed, i, 1, device=device) for i in chunk]
-        _, _, final = ti.sample(pipe, cond, noise, schedule, model_t, kind, args.eta, args, generators, extra)
+            images = sampling.first_frames(source, [prompts[i] for i in chunk], [(args.seed, i, 3) for i in chunk],
+                                           args, device)
+            extra = sampling.image_condition(pipe, images, [(args.seed, i, 4) for i in chunk], frames, S)
+        generators = [sampling.seeded(args.seed, i, 1, device=device) for i in chunk]
+        _, _, final = sampling.sample(pipe, cond, noise, schedule, args, generators, extra=extra)
         for j in range(0, len(final), args.micro_batch):
-            with ti.autocast(device):
+            with sampling.autocast(device):
                 x = models.decode(pipe, final[j:j + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
-            scores.append(ti.score(scorers, x, batch_prompts[j:j + args.micro_batch]))  # [K, m]
+            scores.append(sampling.score(scorers, x, batch_prompts[j:j + args.micro_batch]))  # [K, m]
             firsts += [x[s - j].cpu() for s in range(j, j + len(x)) if s % S == 0]
         if bar is not None:
             bar.update()
     return torch.cat(scores, dim=1).view(len(scorers), len(indices), S).cpu(), torch.stack(firsts)
 
 
-def evaluate_policy(pipe, prompts, scorers, args, device, source=None, desc="evaluate"):
+def evaluate_policy(pipe, prompts, scorers, args, device, *, source=None, desc="evaluate"):
     """All ranks call it: rank r samples prompts r, r + world, ... (padded to equal counts, so that sharded networks
     run their collectives in lockstep). Returns, on every rank, scores [K, P, S] for all P prompts and the first
     sample of each prompt [P, (F,) 3, H, W]."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = math.ceil(len(prompts) / world)
     mine = (list(range(rank, len(prompts), world)) + [0] * n)[:n]
-    with ti.progress(math.ceil(n / max(1, args.micro_batch // args.samples_per_prompt)), desc) as bar:
-        scores, firsts = sample_and_score(pipe, prompts, mine, scorers, args, device, source, bar)
+    with sampling.progress(math.ceil(n / max(1, args.micro_batch // args.samples_per_prompt)), desc) as bar:
+        scores, firsts = sample_and_score(pipe, prompts, mine, scorers, args, device, source=source, bar=bar)
     parts = [(mine, scores, firsts)]
     if dist.is_initialized():
         parts = [None] * world
@@ -221,14 +220,14 @@ def for_training(args, specs, scorers, device) -> dict | None:
     if args.eval_reward:
         specs = rewards.parse_reward_spec(args.eval_reward)
         scorers = rewards.build_scorers(specs, device, video_fps=getattr(args, "fps", None))
-    prompts = ti.read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT_PROMPTS
+    prompts = sampling.read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT_PROMPTS
     return dict(prompts=prompts, specs=specs, scorers=scorers)
 
 
-def held_out(pipe, evaluation, iteration, args, device, history, rank, source=None) -> dict | None:
+def held_out(pipe, evaluation, iteration, args, device, source=None) -> dict | None:
     """After `iteration` updates, when due (every --eval_every and at the end): the policy's held-out rewards as a
-    metrics.jsonl row {iteration, eval_reward_mean (weighted sum), eval_reward_<name> each}, logged with
-    train_image.log_iteration and returned; else None. All ranks call it. The same numbers as
+    metrics.jsonl row {iteration, eval_reward_mean (weighted sum), eval_reward_<name> each}; else None. All ranks
+    call it; the train scripts log the row. The same numbers as
     `evaluate.py --samples_per_prompt 1` on a checkpoint of this policy with the run's sampler settings."""
     if not evaluation or (iteration % args.eval_every and iteration != args.iterations):
         return None
@@ -237,12 +236,12 @@ def held_out(pipe, evaluation, iteration, args, device, history, rank, source=No
         source = {p: images[i % len(images)] for i, p in enumerate(evaluation["prompts"])}
     eval_args = copy.copy(args)
     eval_args.eta, eval_args.samples_per_prompt = 0.0, 1
-    scores, _ = evaluate_policy(pipe, evaluation["prompts"], evaluation["scorers"], eval_args, device, source, "held-out")
+    scores, _ = evaluate_policy(pipe, evaluation["prompts"], evaluation["scorers"], eval_args, device, source=source,
+                                desc="held-out")
     means = scores.mean(dim=(1, 2))  # [K]
-    row = dict(iteration=iteration, eval_reward_mean=sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item(),
-               **{f"eval_reward_{label(s)}": m.item() for s, m in zip(evaluation["specs"], means)})
-    ti.log_iteration(args, row, history, rank)
-    return row
+    total = sum(s.weight * m for s, m in zip(evaluation["specs"], means)).item()
+    return dict(iteration=iteration, eval_reward_mean=total,
+                **{f"eval_reward_{label(s)}": m.item() for s, m in zip(evaluation["specs"], means)})
 
 
 # ----------------------------------------------------------------------------- main
@@ -250,7 +249,7 @@ def held_out(pipe, evaluation, iteration, args, device, history, rank, source=No
 def main(argv=None) -> dict:
     """Evaluate; returns {policy: {reward: mean}} (what the last printed line holds)."""
     args = parse_args(argv)
-    prompts = ti.read_prompts(args.prompts) if args.prompts else HELD_OUT_PROMPTS
+    prompts = sampling.read_prompts(args.prompts) if args.prompts else HELD_OUT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
     labels = [label(s) for s in specs]
     metas = [checkpoint.read_meta(path) for path in args.checkpoint]
@@ -260,15 +259,14 @@ def main(argv=None) -> dict:
                              f"this evaluation wants {args.model}{' with EMA (--ema)' if args.ema else ''}")
     names = [p.resolve().parent.name + "/" + p.name if [q.name for q in args.checkpoint].count(p.name) > 1 else p.name
              for p in args.checkpoint]  # the folder's name; its run's too where two share one
-    rank, world, device = ti.setup_distributed()
+    rank, world, device = sampling.setup_distributed()
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed,
                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         scorers = rewards.build_scorers(specs, device, video_fps=args.fps)
         source = None
         if models.FAMILY[args.model] == "skyreels":
-            import train_video
-            source = train_video.first_frame_source(args, prompts, pipe, device)
+            source = sampling.first_frame_source(args, prompts, pipe, device)
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     pipe.to(device)
@@ -277,10 +275,10 @@ def main(argv=None) -> dict:
 
     # base first, then LoRA checkpoints (adapters on the base, unloaded after), then full ones (they replace it)
     order = sorted(range(len(names)), key=lambda i: not metas[i]["lora_rank"])
-    runs = {"base": (None, "base", *evaluate_policy(pipe, prompts, scorers, args, device, source, "base"))}
+    runs = {"base": (None, "base", *evaluate_policy(pipe, prompts, scorers, args, device, source=source, desc="base"))}
     for i in order:
         weights = checkpoint.apply(pipe, args.checkpoint[i], args.model, args.ema)
-        scores, firsts = evaluate_policy(pipe, prompts, scorers, args, device, source, names[i])
+        scores, firsts = evaluate_policy(pipe, prompts, scorers, args, device, source=source, desc=names[i])
         runs[names[i]] = (str(args.checkpoint[i]), weights, scores, firsts)
         if metas[i]["lora_rank"]:
             pipe.unload_lora_weights()

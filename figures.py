@@ -11,6 +11,8 @@ import math
 import torch
 from PIL import Image, ImageDraw
 
+import sampling
+
 TRAIN, BAND, HELD_OUT = (31, 119, 180), (198, 219, 239), (214, 39, 40)
 
 
@@ -101,17 +103,11 @@ def side_by_side(path, cells: list[list[torch.Tensor]], labels: list[str], video
         (export_to_video if video_format == "mp4" else export_to_gif)(clip, f"{stem}.{video_format}", fps=fps)
 
 
-@torch.no_grad()
-def sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank):
-    """samples/iter_<iteration + 1>.png: a row of fixed prompts from fixed noise, sampled deterministically
-    (eta = 0), the same picture at every save, so the grids show what training changed. All ranks call it."""
+def sample_grid(pipe, fixed, schedule, args, device, path=None):
+    """A row of fixed prompts from fixed noise, sampled deterministically (eta = 0: sampling.fixed_samples), the
+    same picture at every save, so the grids show what training changed. All ranks call it (a sharded network
+    runs its collectives on all); the one given a path (rank 0) writes it."""
     from diffusers.utils import make_image_grid
-    import models
-    import train_image as ti
-    cond = models.encode_prompts(pipe, fixed["prompts"], device)
-    _, _, final = ti.sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, kind, 0.0, args, None)
-    with ti.autocast(device):
-        images = models.decode(pipe, final, args.height, args.width)
-    if rank == 0:
-        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
-            args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")
+    images = sampling.fixed_samples(pipe, fixed, schedule, args, device)  # [n, 3, H, W]
+    if path is not None:
+        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(path)

@@ -455,7 +455,7 @@ def _flux_packed_hw(pipe, height, width):
     return 2 * (height // (s * 2)), 2 * (width // (s * 2))
 
 
-def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
+def predict(pipe, latents, t, cond, *, guidance_scale, height, width, extra=None):
     """One network call on latents [B, ...] (step layout) at t: Tensor[B] (sigma in [0, 1] for flow models, the
     integer DDPM timestep for SD). Returns velocity (flow) or epsilon (SD) in float32, same shape as latents.
 

@@ -68,9 +68,9 @@ def flow_grpo_etas(schedule: torch.Tensor, noise_level: float) -> torch.Tensor:
     return (sigma / denominator).sqrt() * noise_level  # [T]
 
 
-def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A float or a [B] tensor -> float32 tensor [B, 1, ..., 1] that broadcasts against `like`."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+def _per_sample(value, like: torch.Tensor, name: str, dtype=torch.float32) -> torch.Tensor:
+    """A float or a [B] tensor -> `dtype` tensor [B, 1, ..., 1] that broadcasts against `like`."""
+    value = torch.as_tensor(value, dtype=dtype, device=like.device)
     if value.ndim == 0:
         value = value.expand(like.shape[0])
     if value.shape != (like.shape[0],):
@@ -79,8 +79,8 @@ def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_inputs(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, eta, names: str) -> None:
-    if bool((torch.as_tensor(eta) < 0).any()):
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if bool((eta < 0).any()):
+        raise ValueError(f"eta must be >= 0, got {eta.flatten().tolist()}")
     if model_output.shape != latents.shape:
         raise ValueError(f"{names} must have the same shape as latents, got {tuple(model_output.shape)} and {tuple(latents.shape)}")
     if prev_sample is not None and prev_sample.shape != latents.shape:
@@ -118,7 +118,7 @@ def _gaussian_step(mean, std, prev_sample, generator):
     return prev_sample, log_prob
 
 
-def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, generator=None):
+def flow_sde_step(velocity, latents, sigma, sigma_next, eta, *, prev_sample=None, generator=None):
     """One step of the rectified-flow SDE with the log-prob of its transition (DanceGRPO Sec. 3.2).
 
     The model predicts the velocity v = eps - x0 of the path x_sigma = (1 - sigma) x0 + sigma eps.
@@ -142,23 +142,23 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
+    eta = _per_sample(eta, latents, "eta", torch.float64)  # float64: eta^2 / 2 rounds to float32 once, as a float's
     _check_inputs(velocity, latents, prev_sample, eta, "velocity")
     sigma = _per_sample(sigma, latents, "sigma")
     sigma_next = _per_sample(sigma_next, latents, "sigma_next")
-    eta = _per_sample(eta, latents, "eta")  # [B, 1, ...]: a float and a tensor of its float32 value step alike
     if not bool((sigma > sigma_next).all()) or not bool((sigma_next >= 0).all()) or not bool((sigma <= 1).all()):
         raise ValueError("need 1 >= sigma > sigma_next >= 0 (the flow runs from noise at 1 to data at 0)")
     x, v = latents.float(), velocity.float()
     delta = sigma - sigma_next
     x0_hat = x - sigma * v
     score = -(x - (1 - sigma) * x0_hat) / sigma**2
-    mean = x - delta * v + 0.5 * eta**2 * delta * score
-    std = eta * delta.sqrt()
+    mean = x - delta * v + (0.5 * eta**2).float() * delta * score
+    std = eta.float() * delta.sqrt()
     prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
     return prev_sample, log_prob, mean, std
 
 
-def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_sample=None, generator=None):
+def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, *, prev_sample=None, generator=None):
     """One DDIM step with its Gaussian log-prob (Song et al. 2021 "DDIM", Eq. 12 and 16; as DDPO uses it).
 
       x0_hat = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
@@ -175,16 +175,16 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_samp
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
+    eta = _per_sample(eta, latents, "eta", torch.float64)
     _check_inputs(noise_pred, latents, prev_sample, eta, "noise_pred")
     a_t = _per_sample(alpha_bar, latents, "alpha_bar")
     a_prev = _per_sample(alpha_bar_prev, latents, "alpha_bar_prev")
-    eta = _per_sample(eta, latents, "eta")  # [B, 1, ...]
     if not bool((a_t > 0).all()) or not bool((a_prev <= 1).all()) or not bool((a_t < a_prev).all()):
         raise ValueError("need 0 < alpha_bar < alpha_bar_prev <= 1 (DDIM runs from noise towards data)")
     x, eps = latents.float(), noise_pred.float()
     x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * var.sqrt()
+    std = eta.float() * var.sqrt()
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
     return prev_sample, log_prob, mean, std

@@ -78,7 +78,7 @@ def test_the_kl_reference_is_the_initial_policy(lora):
     cond, t = models.encode_prompts(pipe, ["a cat", "a dog"], "cpu"), torch.tensor([0.7, 0.3])
 
     def predict(p):
-        return models.predict(p, x, t, cond, 3.5, 32, 32)
+        return models.predict(p, x, t, cond, guidance_scale=3.5, height=32, width=32)
     moved = predict(pipe)
     with models.reference_policy(pipe, frozen):
         torch.testing.assert_close(predict(pipe), predict(base), rtol=0, atol=0)

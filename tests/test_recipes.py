@@ -189,7 +189,7 @@ for mp in (train_image.mixed_precision(torch.bfloat16), MixedPrecisionPolicy(par
     x = models.initial_noise(pipe, 1, 32, 32, 9, torch.Generator().manual_seed(0))
     cond = models.encode_prompts(pipe, ["a cat"], "cpu")
     with torch.autocast("cpu", torch.bfloat16):
-        models.predict(pipe, x, torch.tensor([0.9473]), cond, 6.018, 32, 32)
+        models.predict(pipe, x, torch.tensor([0.9473]), cond, guidance_scale=6.018, height=32, width=32)
     print(str(seen["t"].dtype), seen["t"].item())
 dist.destroy_process_group()
 ''')

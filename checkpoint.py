@@ -11,6 +11,7 @@
   save(...)   all ranks call it (FSDP2 gathers the shards); rank 0 writes to a temporary folder and renames it
   find(args)  the checkpoint --resume names ('auto': the newest complete one)
   load(...)   weights, optimizer and EMA back into a (sharded) network; returns the iteration to start from
+  load_history(args, start)  metrics.jsonl's rows before the iteration a resumed run starts at
   apply(...)  a checkpoint's weights (or its EMA) into a pipeline from models.load_pipeline, to sample with it
 Used by train_image.py, train_video.py and evaluate.py.
 """
@@ -178,3 +179,14 @@ def apply(pipe, folder, model, ema=None) -> str:
         subfolder = models.trained_name(models.FAMILY[model]) + suffix
         models.trained_module(pipe).load_state_dict(load_file(folder / subfolder / "diffusion_pytorch_model.safetensors"))
     return "ema" if suffix else "raw"
+
+
+def load_history(args, start) -> list[dict]:
+    """metrics.jsonl rows before `start` (a resumed run drops rows of iterations it will redo)."""
+    path = args.output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [r for r in rows if r["iteration"] < start]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="SDE noise scale (default 0: deterministic)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="EMA weights (default: where a checkpoint has them); --no-ema: the raw weights")
-    p.add_argument("--num_steps", type=int, help="sampling steps (default: the model's training default)")
+    p.add_argument("--num_steps", type=int, help="sampling steps (default: the model's training default; sd35: 40, "
+                   "Flow-GRPO's eval_num_steps)")
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -84,7 +85,9 @@ def parse_args(argv=None):
         if not args.checkpoint:
             parser.error("--model is needed when no --checkpoint is given")
         args.model = checkpoint.read_meta(args.checkpoint[0])["model"]
-    for key, value in models.model_defaults(args.model).items():  # the model's training defaults fill the rest
+    defaults = models.model_defaults(args.model)
+    args.num_steps = args.num_steps or defaults.get("eval_num_steps", defaults["num_steps"])
+    for key, value in defaults.items():  # the model's training defaults fill the rest
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.resolution:

@@ -650,10 +650,12 @@ _DEFAULTS = {
     # alpha 64 (train_sd3.py:430-431) with lr 3e-4 (base.py:63; the LoRA rate below), train batch 9 (:124), grad
     # norm 1.0 (base.py:76), checkpoint every 60 (:131), 5 kept (base.py:19).
     # timestep_fraction 0.99 of 10 steps trains steps 0-8 there (train_sd3.py:345): all T-1 trainable steps here.
-    # deviation: eta 0.7 is Flow-GRPO's noise_level, here in DanceGRPO's flow SDE (std eta * sqrt(dt)); Flow-GRPO's
-    # SDE scales it by sqrt(sigma / (1 - sigma)) (the two agree at sigma = 0.5). Its KL term (beta 0.01), global
-    # std and EMA (0.9 every 8 steps, train_sd3.py:445) are not used. PickScore (:135). lr 1e-5: --lora_rank 0.
-    "sd35": dict(num_steps=10, shift=3.0, eta=0.7, guidance_scale=4.5, height=512, width=512, size_multiple=16,
+    # Flow-GRPO's SDE (sde.flow_grpo_etas) at noise level 0.7 (base.py:54) on the scheduler's own sigmas
+    # (models.flow_schedule), independent initial noise per image (train_sd3.py:639-651 passes no latents), KL beta
+    # 0.01 (:128) as its kl_loss (grpo.kl_penalty), evaluation with 40 steps at noise 0 (:114). deviation: its
+    # global std and EMA (0.9 every 8 steps, train_sd3.py:445) are not used. PickScore (:135). lr 1e-5: --lora_rank 0.
+    "sd35": dict(num_steps=10, shift=3.0, sde="flow_grpo", eta=0.7, same_noise=False, kl_coef=0.01, eval_num_steps=40,
+                 guidance_scale=4.5, height=512, width=512, size_multiple=16,
                  group_size=24, prompts_per_rank=6, timestep_fraction=1.0, lr=1e-5, lora_rank=32, iterations=1000,
                  grad_accum=72, micro_batch=9, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=5,
                  reward="pickscore"),
@@ -670,7 +672,8 @@ _DEFAULTS = {
     # (:49), 12 samples a prompt (:48) sharing their noise (:53), 2 prompts a rank (:25), one optimizer step per 12
     # samples (:30), lr 1e-5 (:32), 300 steps (:31), checkpoint every 60 (:34), grad norm 1.0 (:45), fraction 0.6
     # (:52), HPS-v2.1 (:47);
-    # no CFG and no guidance embedding (--cfg 0.0, :36; train_grpo_qwenimage.py:222-233), no EMA (no --use_ema).
+    # no CFG and no guidance embedding (train_grpo_qwenimage.py:222-233; its --cfg 0.0, :36, is the caption-dropout
+    # rate, latent_qwenimage_rl_datasets.py:51), no EMA (no --use_ema).
     "qwenimage": dict(num_steps=20, shift=3.0, eta=0.3, guidance_scale=1.0, height=720, width=720, size_multiple=16,
                       group_size=12, prompts_per_rank=2, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=12,
                       micro_batch=4, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=2,
@@ -698,7 +701,7 @@ def model_defaults(model, lora=False):
     (LoRA rank 32 for sd35, as Flow-GRPO; a full fine-tune otherwise), given as `lora_rank`."""
     family = FAMILY[model]
     real = "sd14" if family == "sd" else family  # _DEFAULTS is keyed by the real model's name
-    d = dict(_DEFAULTS[real])
+    d = {"sde": None if family == "sd" else "dance", "same_noise": True, "kl_coef": 0.0, **_DEFAULTS[real]}
     if lora is None:
         lora = model not in TINY and d.get("lora_rank", 0) > 0
     d["lora_rank"] = d.get("lora_rank", 0) if lora else 0

@@ -9,7 +9,7 @@
   fixed_samples     the same prompts from the same noise, deterministically: the pictures of a run
   score, decode_and_score   rewards on decoded images or videos, in memory
   first frames      SkyReels I2V: first_frame_source, first_frames, image_condition
-  seeded, read_prompts, setup_distributed, autocast, progress   the plumbing every script needs
+  seeded, read_prompts, setup_distributed, gather, all_ranks, autocast, progress   the plumbing
 
 Layers: sde and grpo (torch only) <- models, rewards <- sampling <- checkpoint, figures, evaluate, train scripts.
 """
@@ -51,15 +51,24 @@ class Schedule(NamedTuple):
         return self._replace(etas=torch.full_like(self.etas, eta))
 
 
+ETA_RULES = {"dance": "eta", "flow_grpo": "eta * sqrt(sigma / (1 - sigma))", None: "eta (DDIM, as DDPO)"}
+
+
 def schedule_for(pipe, args) -> Schedule:
-    """The schedule of args.num_steps steps at noise scale args.eta for the pipeline's model."""
+    """The schedule of args.num_steps steps for the pipeline's model. Flow models: SD3.5 on its scheduler's own
+    sigmas (shifted linspace(1, sigma_min, T), then 0: Flow-GRPO's sd3_pipeline_with_logprob.py:119-127), the
+    others on DanceGRPO's sde.flow_sigmas. Etas: args.eta at every step (--sde dance), or Flow-GRPO's
+    args.eta * sqrt(sigma / (1 - sigma)) (--sde flow_grpo: sde.flow_grpo_etas)."""
+    T = args.num_steps
     if models.FAMILY[args.model] == "sd":
-        timesteps, alpha_bars = models.ddim_schedule(pipe, args.num_steps)
-        levels, model_t, kind = alpha_bars, timesteps, "ddim"
+        timesteps, alpha_bars = models.ddim_schedule(pipe, T)
+        return Schedule(alpha_bars, timesteps, "ddim", torch.full([T], float(args.eta), dtype=torch.float64))
+    sigmas = models.flow_schedule(pipe, T) if models.FAMILY[args.model] == "sd35" else sde.flow_sigmas(T, args.shift)
+    if getattr(args, "sde", "dance") == "flow_grpo":
+        etas = sde.flow_grpo_etas(sigmas, args.eta).double()  # [T]
     else:
-        sigmas = sde.flow_sigmas(args.num_steps, args.shift)
-        levels, model_t, kind = sigmas, sigmas[:-1], "flow"  # the flow network's timestep is sigma
-    return Schedule(levels, model_t, kind, torch.full([args.num_steps], float(args.eta), dtype=torch.float64))
+        etas = torch.full([T], float(args.eta), dtype=torch.float64)
+    return Schedule(sigmas, sigmas[:-1], "flow", etas)  # the flow network's timestep is sigma
 
 
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
@@ -68,9 +77,11 @@ def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     if window is None:
         return schedule
-    levels, model_t, etas = sde.window_plan(schedule.levels, schedule.model_t, args.eta, window, args.shift,
-                                            args.ode_steps_after)
-    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64))
+    levels, model_t, _ = sde.window_plan(schedule.levels, schedule.model_t, args.eta, window, args.shift,
+                                         args.ode_steps_after)
+    etas = torch.tensor([float(schedule.etas[i]) if i in window else 0.0 for i in range(len(model_t))],
+                        dtype=torch.float64)  # the schedule's eta inside the window (DanceGRPO's or Flow-GRPO's)
+    return Schedule(levels, model_t, schedule.kind, etas)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -245,6 +256,24 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a [N, ...] tensor over ranks (rank order)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_ranks(flag: bool, device) -> bool:
+    """True where every rank says True (ranks must agree to run collective updates)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def autocast(device):

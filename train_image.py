@@ -53,7 +53,9 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, help="samples per prompt, G")
     p.add_argument("--prompts_per_rank", type=int, help="prompt groups each rank rolls out per iteration")
     p.add_argument("--num_steps", type=int, help="sampling steps T")
-    p.add_argument("--eta", type=float, help="SDE noise scale")
+    p.add_argument("--sde", choices=("dance", "flow_grpo"), help="flow SDE: DanceGRPO's (std eta sqrt(dt)) or "
+                   "Flow-GRPO's (eta the noise level a of a sqrt(sigma / (1 - sigma))); default: the model's")
+    p.add_argument("--eta", type=float, help="SDE noise scale (--sde flow_grpo: Flow-GRPO's noise level)")
     p.add_argument("--shift", type=float, help="SD3 time shift of the flow schedule")
     p.add_argument("--guidance_scale", type=float, help="embedded guidance (FLUX) or CFG scale (SD)")
     p.add_argument("--timestep_fraction", type=float, help="fraction of the T-1 trainable steps each sample trains")
@@ -69,11 +71,11 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--micro_batch", type=int, help="(sample, timestep) pairs per forward/backward")
     p.add_argument("--rollout_batch", type=int, help="samples per network call in the rollout (default: all)")
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
-                   help="samples of one group share their initial noise")
+    p.add_argument("--same_noise", action=argparse.BooleanOptionalAction,
+                   help="samples of one group share their initial noise (default: yes; sd35 no, as Flow-GRPO)")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank; default: the model's (sd35: 32)")
-    p.add_argument("--kl_coef", type=float, default=0.0, help="KL toward the initial policy (Flow-GRPO's beta; 0 = off)")
+    p.add_argument("--kl_coef", type=float, help="KL toward the initial policy, Flow-GRPO's beta (0 = off; sd35: 0.01)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
@@ -108,7 +110,8 @@ def parse_args(argv=None, parser=None):
         parser.error(problem)
     if args.print_config:  # the run's settings under the CLI's names, checked before any GPU is spent
         names = [a.dest for a in parser._actions if a.dest not in ("help", "print_config")]
-        print(json.dumps({n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}))
+        config = {n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}
+        print(json.dumps({**config, "eta_rule": sampling.ETA_RULES.get(args.sde)}))  # the SDE's noise at a step
         raise SystemExit(0)
     return args
 
@@ -123,6 +126,11 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
+    if args.sde == "flow_grpo" and models.FAMILY[args.model] == "sd":
+        return "--sde flow_grpo is a flow SDE; Stable Diffusion v1.4 samples with the DDIM SDE"
+    if models.FAMILY[args.model] == "qwenimage" and args.guidance_scale != 1:
+        return ("--guidance_scale: Qwen-Image trains without CFG (the official --cfg 0.0 is a caption-dropout rate, "
+                "latent_qwenimage_rl_datasets.py:51); QwenImagePipeline's true CFG with its norm rescale is not built")
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
             args.ode_steps_after and not (args.sde_window and args.shift)):
         return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
@@ -234,20 +242,12 @@ def timesteps_for(groups, args, iteration) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- 5. policy update
 
-def all_ranks(flag: bool, device) -> bool:
-    """True where every rank says True (ranks must agree to run collective updates)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
     """Backward of the clipped loss (Eq. 3) averaged over the given (sample, timestep) pairs, in
     micro-batches of `micro_batch` pairs, each a single batched forward at per-sample timesteps.
 
-    With --kl_coef, beta KL(policy || initial policy) is added per pair (Flow-GRPO's KL loss).
+    With --kl_coef, beta times Flow-GRPO's kl_loss toward the initial policy is added per pair (flow models:
+    grpo.kl_penalty, train_sd3.py:894-897, so a beta from their configs means the same here; SD: the step's KL).
     pair_sample, pair_step: LongTensor[P]. Returns (loss, ratios [P], KL); gradients accumulate in .grad.
     """
     s = batch["schedule"]  # the rollout's: the same levels and etas, so r = 1 before the first update
@@ -269,7 +269,8 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
                 with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), sampling.autocast(device):
                     ref = models.predict(pipe, x, model_t[j], cond, **call, extra=extra)
                 ref_mean = step(ref, x, levels[j], levels[j + 1], etas[j], prev_sample=x_next)[2]
-                kl = grpo.gaussian_kl(mean, ref_mean, std).mean()
+                kl = (grpo.kl_penalty(mean, ref_mean, std, levels[j], levels[j + 1]) if s.kind == "flow"  # [m]
+                      else grpo.gaussian_kl(mean, ref_mean, std)).mean()
                 loss, total_kl = loss + args.kl_coef * kl, total_kl + kl.item() * len(b) / len(pair_sample)
             loss = loss * len(b) / len(pair_sample)
             loss.backward()
@@ -322,7 +323,7 @@ def policy_update(pipe, policy, batch, args, device):
 def update_or_skip(pipe, policy, batch, args, device) -> dict:
     """policy_update, unless some rank's advantages are not finite (a reward gave NaN/Inf):
     then no rank updates (they must agree, FSDP's collectives run in lockstep)."""
-    if all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
+    if sampling.all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
         return policy_update(pipe, policy, batch, args, device)
     return dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1,
                 kl_to_initial=None, **grpo.update_health(torch.ones(0), torch.zeros(0, dtype=torch.long), args.num_steps, 1.0))
@@ -330,19 +331,10 @@ def update_or_skip(pipe, policy, batch, args, device) -> dict:
 
 # ----------------------------------------------------------------------------- 6. log and save
 
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a [N, ...] tensor over ranks (rank order)."""
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def metrics_row(iteration, scores, specs, stats, t0, args, **extra) -> dict:
     """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), groups without
     spread, the update's statistics and health figures (rank 0's), throughput."""
-    all_scores = gather(scores.T.contiguous()).T  # [K, N * world]
+    all_scores = sampling.gather(scores.T.contiguous()).T  # [K, N * world]
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = sum(s.weight * r for s, r in zip(specs, all_scores))
     seconds = time.time() - t0
@@ -373,17 +365,6 @@ def log_iteration(args, metrics_row, history, rank):
                f" | grad {metrics_row['grad_norm']:.3g} | {metrics_row['samples_per_s']:.2f} samples/s")
 
 
-def load_history(args, start) -> list[dict]:
-    """metrics.jsonl rows before `start` (a resumed run drops rows of iterations it will redo)."""
-    path = args.output_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    rows = [r for r in rows if r["iteration"] < start]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
 # ----------------------------------------------------------------------------- main: Algorithm 1
 
 def main(argv=None):
@@ -407,12 +388,13 @@ def main(argv=None):
     policy = prepare_policy(pipe, args, device)
     schedule = sampling.schedule_for(pipe, args)
     start = checkpoint.load(resume_from, policy, args) if resume_from else 0
-    history = load_history(args, start) if rank == 0 else []
+    history = checkpoint.load_history(args, start) if rank == 0 else []
     noise = models.initial_noise(pipe, 4, args.height, args.width, None, sampling.seeded(args.seed, 999))
     fixed = dict(prompts=prompts[:4], noise=noise)  # the sample grids: the same prompts and noise every time
     if rank == 0:
         print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{args.group_size} samples per rank, "
-              f"{args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
+              f"{args.num_steps} steps, {args.sde or 'DDIM'} SDE eta {args.eta}, reward {args.reward}, "
+              f"from iteration {start}")
 
     skipped_in_a_row = 0
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,

@@ -96,7 +96,7 @@ def main(argv=None):
         pipe.vae.enable_tiling()  # decode 53 frames at 480p in tiles
     schedule = sampling.schedule_for(pipe, args)  # flow sigmas with the model's shift
     start = checkpoint.load(resume_from, policy, args) if resume_from else 0
-    history = ti.load_history(args, start) if rank == 0 else []
+    history = checkpoint.load_history(args, start) if rank == 0 else []
     n_fixed = 2  # sample videos: fixed prompts, noise and first frames
     noise = models.initial_noise(pipe, n_fixed, H, W, F, sampling.seeded(args.seed, 999))
     fixed = dict(prompts=prompts[:n_fixed], noise=noise)
@@ -106,7 +106,8 @@ def main(argv=None):
         fixed["extra"] = sampling.image_condition(pipe, frames, [(*k, 4) for k in keys], F, 1)
     if rank == 0:
         print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{G} samples per rank (train {args.keep}"
-              f" per group), {F}x{H}x{W}, {args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
+              f" per group), {F}x{H}x{W}, {args.num_steps} steps, {args.sde} SDE eta {args.eta}, reward {args.reward}, "
+              f"from iteration {start}")
 
     skipped = 0  # iterations in a row without an update
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,

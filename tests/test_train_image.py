@@ -127,6 +127,8 @@ def test_real_model_without_weights_fails_fast_with_a_clear_message(tmp_path):
     (["--max_skipped", "0"], "--max_skipped"),
     (["--model", "tiny-qwenimage", "--resolution", "30"], "multiples of 4"),
     (["--model", "sd35", "--resolution", "520"], "multiples of 16"),
+    (["--model", "tiny-qwenimage", "--guidance_scale", "4"], "Qwen-Image trains without CFG"),
+    (["--model", "tiny-sd", "--sde", "flow_grpo"], "DDIM SDE"),
 ])
 def test_bad_arguments_are_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

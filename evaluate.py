@@ -263,6 +263,9 @@ def main(argv=None) -> dict:
     names = [p.resolve().parent.name + "/" + p.name if [q.name for q in args.checkpoint].count(p.name) > 1 else p.name
              for p in args.checkpoint]  # the folder's name; its run's too where two share one
     rank, world, device = sampling.setup_distributed()
+    for path in args.checkpoint:  # every file of every checkpoint against its recorded hash, before sampling anything
+        if problem := checkpoint.on_rank0(lambda: checkpoint.verify(path)):
+            raise SystemExit(f"error: --checkpoint {path} is damaged: {problem}")
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed,
                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)

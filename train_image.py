@@ -372,10 +372,9 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
-    resume_from = checkpoint.find(args)
     rank, world, device = sampling.setup_distributed()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "samples").mkdir(exist_ok=True)
+    checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
+    resume_from = checkpoint.find(args)  # verified
 
     # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
     try:

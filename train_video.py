@@ -77,9 +77,9 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = sampling.read_prompts(args.prompts) if args.prompts else ti.DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
-    resume_from = checkpoint.find(args)
     rank, world, device = sampling.setup_distributed()
-    (args.output_dir / "samples").mkdir(parents=True, exist_ok=True)
+    checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
+    resume_from = checkpoint.find(args)  # verified
     i2v, G, H, W, F = models.FAMILY[args.model] == "skyreels", args.group_size, args.height, args.width, args.num_frames
 
     # 1. setup: pipeline, rewards, policy (FSDP2), first-frame source (SkyReels), resume

@@ -82,6 +82,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                                                         "tiny: at the end)")
     p.add_argument("--keep_checkpoints", type=int, help="newest checkpoints kept on disk (0 = all; default 2, video 3)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
+    p.add_argument("--reward_timeout", type=float, default=600.0, help="seconds a reward call may take, else the run stops")
+    p.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
@@ -138,7 +140,7 @@ def check_args(args) -> str | None:
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
-    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints", "kl_coef"):
+    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints", "kl_coef", "reward_retries"):
         if getattr(args, name) < 0:
             return f"--{name} must be >= 0, got {getattr(args, name)}"
     if args.shift is not None and args.shift <= 0 or args.max_grad_norm <= 0 or args.lora_rank and args.lora_alpha <= 0:
@@ -148,8 +150,8 @@ def check_args(args) -> str | None:
         return f"--resolution/--height/--width must be multiples of {m} for {args.model}, got {args.height}x{args.width}"
     if not 0 <= args.ema_decay < 1:
         return f"--ema_decay must be in [0, 1), got {args.ema_decay}"
-    if args.clip_range <= 0 or args.adv_clip <= 0 or args.lr <= 0:
-        return "--clip_range, --adv_clip and --lr must be > 0"
+    if min(args.clip_range, args.adv_clip, args.lr, args.reward_timeout) <= 0:
+        return "--clip_range, --adv_clip, --lr and --reward_timeout must be > 0"
     if args.prompts and not Path(args.prompts).is_file():
         return f"--prompts {args.prompts}: no such file"
     if args.output_dir.exists() and not args.output_dir.is_dir():
@@ -358,6 +360,8 @@ def log_iteration(args, metrics_row, history, rank):
     with open(args.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics_row) + "\n")
     figures.reward_curve(args.output_dir / "reward_curve.png", history)
+    if warning := rewards.constant_warning(history):  # on the terminal, not only in metrics.jsonl
+        tqdm.write(warning)
     if "eval_reward_mean" in metrics_row:
         return tqdm.write(f"eval {metrics_row['iteration']:4d} | held-out reward {metrics_row['eval_reward_mean']:.4f}")
     tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
@@ -379,7 +383,7 @@ def main(argv=None):
     # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device)
+        scorers = rewards.build_scorers(specs, device, timeout=args.reward_timeout, retries=args.reward_retries)
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")

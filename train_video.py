@@ -85,7 +85,8 @@ def main(argv=None):
     # 1. setup: pipeline, rewards, policy (FSDP2), first-frame source (SkyReels), resume
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device, video_fps=args.fps)
+        scorers = rewards.build_scorers(specs, device, video_fps=args.fps, timeout=args.reward_timeout,
+                                        retries=args.reward_retries)
         source = sampling.first_frame_source(args, prompts, pipe, device) if i2v else None
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:

@@ -36,6 +36,67 @@ def brightness_that(behave):
     return rewards._checked("brightness", constructor)
 
 
+# ----------------------------------------------------------------------------- rewards that fail or hang
+
+def test_a_failing_reward_stops_the_run_in_one_line_after_its_retries(tmp_path, monkeypatch, capsys):
+    def behave(n):
+        if n >= 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setitem(rewards.REWARDS, "brightness", brightness_that(behave))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--iterations", "3", "--checkpoint_every", "1", "--reward_retries", "2")
+    message = str(e.value)
+    assert message.startswith("error: reward brightness failed 3 time(s)") and "RuntimeError: CUDA error" in message
+    assert "\n" not in message and capsys.readouterr().out.count("retry") == 2
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0]
+    assert checkpoint.verify(tmp_path / "checkpoint-000001") is None  # the last checkpoint stays
+
+
+def test_a_reward_that_fails_once_is_retried_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def behave(n):
+        if n == 1:
+            raise ConnectionError("reward server reset the connection")
+    monkeypatch.setitem(rewards.REWARDS, "brightness", brightness_that(behave))
+    run(tmp_path)
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert "warning: reward brightness failed (ConnectionError" in capsys.readouterr().out
+
+
+def test_a_hanging_reward_stops_the_run_at_its_timeout(tmp_path, monkeypatch):
+    release = threading.Event()
+
+    def behave(n):
+        if n == 1:
+            release.wait()  # hangs until the test ends
+    monkeypatch.setitem(rewards.REWARDS, "brightness", brightness_that(behave))
+    try:
+        with pytest.raises(SystemExit, match=r"reward brightness gave no score within --reward_timeout 0.5 s") as e:
+            run(tmp_path, "--checkpoint_every", "1", "--reward_timeout", "0.5")
+    finally:
+        release.set()
+    assert "\n" not in str(e.value) and [r["iteration"] for r in read_metrics(tmp_path)] == [0]
+    assert checkpoint.verify(tmp_path / "checkpoint-000001") is None
+
+
+def test_a_constant_reward_warns_on_the_terminal(tmp_path, monkeypatch, capsys):
+    def constructor(device):
+        return lambda x, prompts: torch.zeros(len(x))
+    monkeypatch.setitem(rewards.REWARDS, "brightness", rewards._checked("brightness", constructor))
+    run(tmp_path, "--iterations", "4")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "same score" in line]
+    assert len(warnings) == 1 and "last 3 iterations" in warnings[0]  # once, after 3 iterations without spread
+    assert all(r["groups_without_spread"] == 1 for r in read_metrics(tmp_path))
+
+
+def test_reward_flags_are_checked(capsys):
+    args = train_image.parse_args(["--model", "tiny-flux"])
+    assert (args.reward_timeout, args.reward_retries) == (600, 2)  # generous: a real reward model on a busy GPU
+    for flags in (["--reward_timeout", "0"], ["--reward_retries", "-1"]):
+        with pytest.raises(SystemExit):
+            train_image.parse_args(["--model", "tiny-flux", *flags])
+        assert flags[0] in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- one run per folder
 
 def test_a_second_run_on_the_same_folder_stops_and_the_lock_dies_with_its_process(tmp_path):

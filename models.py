@@ -18,7 +18,9 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
 """
 import contextlib
 import copy
+import logging
 import string
+import sys
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -372,11 +374,44 @@ def _text_len(tokenizer, default):
     return min(default, tokenizer.model_max_length)
 
 
+class _Truncations(logging.Filter):
+    """Drops, and counts, the warnings that a prompt was cut to the text encoder's length: diffusers repeats the cut
+    text in every call (megabytes a run for one long prompt)."""
+    MARKS = ("was truncated", "longer than the specified maximum sequence length")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record):
+        cut = any(mark in record.getMessage() for mark in self.MARKS)
+        self.count += cut
+        return not cut
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, device):
     """Text conditioning as a dict of batch-first tensors (leading dim B = len(prompts)), via the pipeline's own
-    encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys."""
-    family, prompts = _family(pipe), list(prompts)
+    encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys. A prompt longer
+    than a text encoder reads is cut to its length (as the pipelines do), told in one line once per pipeline."""
+    handlers, cuts = logging.getLogger("diffusers").handlers + logging.getLogger("transformers").handlers, _Truncations()
+    for h in handlers:
+        h.addFilter(cuts)
+    try:
+        cond = _encode_prompts(pipe, list(prompts), device)
+    finally:
+        for h in handlers:
+            h.removeFilter(cuts)
+    if cuts.count and not getattr(pipe, "_told_truncation", False):
+        pipe._told_truncation = True
+        longest = max(prompts, key=len)
+        print(f"warning: prompts longer than the text encoder reads are cut to its length (e.g. {len(longest)} "
+              f"characters: {longest[:40]!r}...); told once", file=sys.stderr, flush=True)
+    return cond
+
+
+def _encode_prompts(pipe, prompts, device):
+    family = _family(pipe)
     if family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(prompts, device=device,
                                                max_sequence_length=_text_len(pipe.tokenizer_2, FLUX_TEXT_LEN))

@@ -141,10 +141,11 @@ def latent_shape(pipe, args) -> torch.Size:
 @torch.no_grad()
 def fixed_samples(pipe, fixed, schedule: Schedule, args, device) -> torch.Tensor:
     """fixed: {prompts, noise [n, ...], extra (SkyReels, optional)}, sampled with eta 0 and decoded: images
-    [n, 3, H, W] or videos [n, F, 3, H, W] in [0, 1], the same at every call unless the weights changed."""
+    [n, 3, H, W] or videos [n, F, 3, H, W] in [0, 1], the same at every call unless the weights changed. n: the
+    number of prompts (a run with fewer prompts than noise draws takes what there is)."""
     cond = models.encode_prompts(pipe, fixed["prompts"], device)
-    _, _, final = sample(pipe, cond, fixed["noise"].to(device), schedule.with_eta(0.0), args, None,
-                         extra=fixed.get("extra"))
+    noise = fixed["noise"][:len(fixed["prompts"])].to(device)  # [n, ...]
+    _, _, final = sample(pipe, cond, noise, schedule.with_eta(0.0), args, None, extra=fixed.get("extra"))
     with autocast(device):
         return models.decode(pipe, final, args.height, args.width)
 

@@ -97,6 +97,26 @@ def test_reward_flags_are_checked(capsys):
         assert flags[0] in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- inputs of any size
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_prompt_file_with_fewer_prompts_than_the_sample_grid_works(count, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["a cat", "a dog", "a fox"][:count]) + "\n")
+    run(tmp_path / "run", "--prompts", str(prompts), "--sample_every", "1")
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == ["iter_000001.png", "iter_000002.png"]
+
+
+def test_a_very_long_prompt_warns_once_per_run(tmp_path, capfd):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a mat " * 7000 + "\na dog\na fox\nan owl\n")  # one of ~100,000 characters
+    run(tmp_path / "run", "--prompts", str(prompts))
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if "cut to its length" in line] and len(err) < 20_000
+    assert sum("cut to its length" in line for line in err.splitlines()) == 1 and "was truncated" not in err
+
+
 # ----------------------------------------------------------------------------- one run per folder
 
 def test_a_second_run_on_the_same_folder_stops_and_the_lock_dies_with_its_process(tmp_path):

@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
                              f"this evaluation wants {args.model}{' with EMA (--ema)' if args.ema else ''}")
     names = [p.resolve().parent.name + "/" + p.name if [q.name for q in args.checkpoint].count(p.name) > 1 else p.name
              for p in args.checkpoint]  # the folder's name; its run's too where two share one
-    rank, world, device = sampling.setup_distributed()
+    rank, world, device = sampling.setup_distributed(args)
     for path in args.checkpoint:  # every file of every checkpoint against its recorded hash, before sampling anything
         if problem := checkpoint.on_rank0(lambda: checkpoint.verify(path)):
             raise SystemExit(f"error: --checkpoint {path} is damaged: {problem}")

@@ -242,8 +242,9 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def setup_distributed():
-    """(rank, world, device). torchrun sets WORLD_SIZE; a plain `python` run is one process without a process group."""
+def setup_distributed(args=None):
+    """(rank, world, device). torchrun sets WORLD_SIZE; a plain `python` run is one process without a process group.
+    With `args` (the parsed settings), every rank's are compared with rank 0's first (agree)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -256,7 +257,23 @@ def setup_distributed():
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    if args is not None and world > 1:
+        agree(args)
     return rank, world, device
+
+
+def agree(args):
+    """Ranks started with different settings (a launcher that passed other flags to some) would run apart and abort
+    inside a collective: every rank's resolved settings are compared with rank 0's before any work, and a difference
+    stops every rank with the same line naming the setting."""
+    mine = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for r, theirs in enumerate(every):
+        for key in sorted(set(every[0]) | set(theirs)):
+            if theirs.get(key) != every[0].get(key):
+                raise SystemExit(f"error: the ranks were started with different settings: --{key} is "
+                                 f"{every[0].get(key)!r} on rank 0 but {theirs.get(key)!r} on rank {r}")
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

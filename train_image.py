@@ -376,7 +376,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
-    rank, world, device = sampling.setup_distributed()
+    rank, world, device = sampling.setup_distributed(args)  # every rank's settings checked against rank 0's
     checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
     resume_from = checkpoint.find(args)  # verified
 

@@ -136,3 +136,28 @@ def test_a_second_run_on_the_same_folder_stops_and_the_lock_dies_with_its_proces
         holder.wait()
     run(out)  # the killed run's lock went with it
     assert [r["iteration"] for r in read_metrics(out)] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- ranks agree before they work
+
+def test_ranks_started_with_different_settings_stop_in_one_line_before_any_iteration(tmp_path):
+    wrapper = tmp_path / "rank1_differs.py"
+    wrapper.write_text(f'''
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train_image
+argv = sys.argv[1:]
+if os.environ["RANK"] == "1":  # a launcher that passed rank 1 another --group_size
+    argv[argv.index("--group_size") + 1] = "3"
+train_image.main(argv)
+''')
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(wrapper), "--model", "tiny-flux", *FAST, "--prompts_per_rank", "1", "--output_dir", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    line = "error: the ranks were started with different settings: --group_size is 2 on rank 0 but 3 on rank 1"
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]  # every rank says the same line
+    assert "train_image.py" not in result.stderr  # no traceback from the workers
+    assert not (out / "metrics.jsonl").exists()

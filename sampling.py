@@ -10,6 +10,7 @@
   score, decode_and_score   rewards on decoded images or videos, in memory
   first frames      SkyReels I2V: first_frame_source, first_frames, image_condition
   seeded, read_prompts, setup_distributed, gather, all_ranks, autocast, progress   the plumbing
+  agree             ranks started with different settings stop in one line before any work
 
 Layers: sde and grpo (torch only) <- models, rewards <- sampling <- checkpoint, figures, evaluate, train scripts.
 """

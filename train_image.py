@@ -86,7 +86,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
+    p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
     return p

@@ -98,7 +98,7 @@ def main(argv=None):
     schedule = sampling.schedule_for(pipe, args)  # flow sigmas with the model's shift
     start = checkpoint.load(resume_from, policy, args) if resume_from else 0
     history = checkpoint.load_history(args, start) if rank == 0 else []
-    n_fixed = 2  # sample videos: fixed prompts, noise and first frames
+    n_fixed = min(2, len(prompts))  # sample videos: fixed prompts, noise and first frames
     noise = models.initial_noise(pipe, n_fixed, H, W, F, sampling.seeded(args.seed, 999))
     fixed = dict(prompts=prompts[:n_fixed], noise=noise)
     if i2v:

@@ -108,9 +108,19 @@ def test_a_prompt_file_with_fewer_prompts_than_the_sample_grid_works(count, tmp_
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == ["iter_000001.png", "iter_000002.png"]
 
 
+@pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-skyreels"])
+def test_a_video_run_with_one_prompt_works(model, tmp_path):
+    import train_video
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("waves on a beach\n")
+    train_video.main(["--model", model, "--output_dir", str(tmp_path / "run"), "--prompts", str(prompts), *FAST,
+                      "--keep", "2", "--num_frames", "5"])
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+
+
 def test_a_very_long_prompt_warns_once_per_run(tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat on a mat " * 7000 + "\na dog\na fox\nan owl\n")  # one of ~100,000 characters
+    prompts.write_text("a cat on a mat " * 2000 + "\na dog\na fox\nan owl\n")  # one of 30,000 characters
     run(tmp_path / "run", "--prompts", str(prompts))
     err = capfd.readouterr().err
     assert [line for line in err.splitlines() if "cut to its length" in line] and len(err) < 20_000

@@ -250,16 +250,20 @@ def _write(pipe, net, states, args, iteration):
     """Rank 0's part of save."""
     model_state, optim_state, ema_state = states
     name, out = f"checkpoint-{iteration:06d}", args.output_dir
-    final, tmp = out / name, out / f".tmp-{name}"
-    done = sorted(p.parent.name for p in out.glob("checkpoint-*/checkpoint.json"))
+    final, tmp, replaced = out / name, out / f".tmp-{name}", out / f".tmp-{name}-replaced"
+    done = sorted(p.parent.name for p in out.glob("checkpoint-*/checkpoint.json") if p.parent != final)
     kept = f"the previous checkpoint ({done[-1]}) is intact" if done else "no checkpoint was written before"
     bad = non_finite(model_state) or non_finite(ema_state or {})
     if bad is not None:
         raise SystemExit(f"error: the weights after iteration {iteration} hold NaN or inf ({bad}): {name} is not "
                          f"written, {kept}; the run stops")
     try:
-        for stale in out.glob(".tmp-checkpoint-*"):  # an interrupted save's
-            shutil.rmtree(stale)
+        for stale in out.glob(".tmp-checkpoint-*"):  # an interrupted save's, or what it had moved aside
+            whole = out / stale.name.removeprefix(".tmp-").removesuffix("-replaced")
+            if stale.name.endswith("-replaced") and not whole.exists():
+                os.replace(stale, whole)
+            else:
+                shutil.rmtree(stale)
         tmp.mkdir()
         write_network(pipe, net, model_state, tmp, args)
         if ema_state is not None:
@@ -270,16 +274,24 @@ def _write(pipe, net, states, args, iteration):
                    tmp / "trainer_state.pt")
         meta = {"iteration": iteration, "model": args.model, "lora_rank": args.lora_rank, "ema": ema_state is not None}
         (tmp / "checkpoint.json").write_text(json.dumps({**meta, "files": file_hashes(tmp)}))  # what --resume checks
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # one of the same iteration (a resume from an older one): moved aside until the new is in
+            os.replace(final, replaced)
         os.replace(tmp, final)
         problem = verify(final)
+        if problem:  # not a checkpoint: out of the way, and the one it replaced back
+            shutil.rmtree(final)
+            if replaced.exists():
+                os.replace(replaced, final)
+        shutil.rmtree(replaced, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replaced.exists() and not final.exists():
+            os.replace(replaced, final)
         raise SystemExit(f"error: saving {name} failed ({type(e).__name__}: {one_line(e)}); no partial folder is left, "
                          f"{kept}; the run stops") from None
     if problem:  # the disk gives back something else than was written: no older checkpoint is deleted
-        raise SystemExit(f"error: {final} does not read back as written ({problem}); older checkpoints are kept")
+        raise SystemExit(f"error: {final} did not read back as written ({problem}), so it was removed; {kept}, "
+                         f"no older checkpoint was deleted; the run stops")
     rotate(args, final)
 
 

@@ -4,6 +4,7 @@ stops in one line and leaves the previous checkpoint whole; --output_dir is chec
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,9 +166,30 @@ def test_rotation_keeps_the_checkpoint_just_written_and_deletes_nothing_before_i
     # a new checkpoint that does not read back as written deletes no older one
     real = checkpoint.verify
     monkeypatch.setattr(checkpoint, "verify", lambda p: "simulated bad read" if p.name == "checkpoint-000003" else real(p))
-    with pytest.raises(SystemExit, match="does not read back as written"):
+    with pytest.raises(SystemExit, match="did not read back as written"):
         run(tmp_path, "--iterations", "3", "--keep_checkpoints", "1", "--resume", "auto")
-    assert (tmp_path / "checkpoint-000002").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-000002"]
+    monkeypatch.undo()
+    assert checkpoint.verify(tmp_path / "checkpoint-000002") is None
+
+
+def test_a_save_over_a_checkpoint_of_the_same_iteration_that_fails_puts_the_old_one_back(tmp_path, monkeypatch):
+    import errno
+    run(tmp_path, "--iterations", "2", "--checkpoint_every", "1", "--keep_checkpoints", "0")
+    before = checkpoint.sha256(weights_file(tmp_path / "checkpoint-000002"))
+    real = os.replace
+
+    def replace(a, b):  # the new checkpoint-000002 cannot be renamed into place
+        if Path(a).name == ".tmp-checkpoint-000002" and Path(b).name == "checkpoint-000002":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit, match="saving checkpoint-000002 failed .*Input/output error"):
+        run(tmp_path, "--iterations", "2", "--resume", str(tmp_path / "checkpoint-000001"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    assert checkpoint.sha256(weights_file(tmp_path / "checkpoint-000002")) == before
+    assert checkpoint.verify(tmp_path / "checkpoint-000002") is None
 
 
 # ----------------------------------------------------------------------------- saving robust

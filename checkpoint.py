@@ -201,7 +201,7 @@ def _claim(out):
     except OSError as e:
         raise SystemExit(f"error: --output_dir {out} cannot be written ({type(e).__name__}: {one_line(e)})") from None
     for path in [*out.glob(".tmp-checkpoint-*"), *out.glob("checkpoint-*")]:
-        if path.is_symlink() or not path.is_dir():
+        if not path.is_dir():
             raise SystemExit(f"error: {path} is a file where a checkpoint folder goes; move it away")
     key = os.path.realpath(out)
     if key in LOCKS:  # this process holds it (an earlier run of main in the same process)

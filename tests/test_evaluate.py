@@ -151,13 +151,29 @@ def test_train_refuses_a_missing_eval_prompt_file(capsys):
 
 
 def test_reward_curve_draws_the_band_the_mean_and_held_out_points(tmp_path):
-    rows = [dict(iteration=i, reward_mean=0.1 * i, reward_std=0.05) for i in range(5)]
-    rows += [dict(iteration=0, eval_reward_mean=0.0), dict(iteration=5, eval_reward_mean=0.5)]
-    figures.reward_curve(tmp_path / "curve.png", rows)
-    colors = {c for _, c in Image.open(tmp_path / "curve.png").convert("RGB").getcolors(1 << 20)}
-    assert {figures.TRAIN, figures.BAND, figures.HELD_OUT} <= colors
-    figures.reward_curve(tmp_path / "none.png", [dict(iteration=0, reward_mean=float("nan"), reward_std=0.0)])
-    assert not (tmp_path / "none.png").exists()  # nothing to plot, nothing written
+    rows = [dict(iteration=i, reward_mean=0.1 * i, reward_std=0.05 * (i + 1)) for i in range(5)]
+    rows[3] = dict(iteration=3, reward_mean=float("nan"), reward_std=0.0)  # a skipped update: left out
+    rows += [dict(iteration=0, eval_reward_mean=0.02), dict(iteration=5, eval_reward_mean=0.5)]
+    fig = figures.reward_curve(tmp_path / "curve.png", rows)
+    assert Image.open(tmp_path / "curve.png").size == (720, 420)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    mean, held = lines["training: reward_mean"], lines["held-out: eval_reward_mean (eta 0)"]
+    assert list(mean.get_xdata()) == [0, 1, 2, 4] and list(mean.get_ydata()) == pytest.approx([0, 0.1, 0.2, 0.4])
+    assert list(held.get_xdata()) == [0, 5] and list(held.get_ydata()) == [0.02, 0.5] and held.get_marker() == "o"
+    band = ax.collections[0].get_paths()[0].vertices  # the polygon mean - std forward, mean + std back
+    for x, m, s in [(0, 0.0, 0.05), (1, 0.1, 0.1), (2, 0.2, 0.15), (4, 0.4, 0.25)]:
+        ys = band[band[:, 0] == x, 1]
+        assert ys.min() == pytest.approx(m - s) and ys.max() == pytest.approx(m + s)
+    assert band[:, 0].min() == 0 and band[:, 0].max() == 4  # no band at the held-out-only iteration 5
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "training: +- 1 std", "training: reward_mean", "held-out: eval_reward_mean (eta 0)"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("iteration", "reward")
+    assert all(t == int(t) for t in ax.get_xticks())  # iterations are whole numbers
+    lo, hi = ax.get_ylim()
+    assert lo <= -0.05 and hi >= 0.65  # every point and the whole band in view
+    none = figures.reward_curve(tmp_path / "none.png", [dict(iteration=0, reward_mean=float("nan"), reward_std=0.0)])
+    assert none is None and not (tmp_path / "none.png").exists()  # nothing to plot, nothing written
 
 
 def test_two_gloo_ranks_split_the_prompts_and_report_what_one_rank_does(tmp_path, capsys):

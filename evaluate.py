@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import checkpoint
 import figures
+import loggers
 import models
 import rewards
 import sampling
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video_format", choices=("gif", "mp4"), default="gif")
     p.add_argument("--fps", type=int, default=8, help="video frame rate: VideoAlign samples frames by it (as in "
                    "training), the GIF plays at it")
+    loggers.add_args(p)  # --report_to none|tensorboard|wandb, --run_name
     return p
 
 
@@ -98,6 +100,7 @@ def parse_args(argv=None):
     problem = check_args(args)
     if problem:
         parser.error(problem)
+    loggers.require(args.report_to)  # a logger asked for and not installed: one line, before anything is built
     return args
 
 
@@ -300,10 +303,14 @@ def main(argv=None) -> dict:
                                              "num_frames", "guidance_scale", "reward")}
     (args.output_dir / "results.json").write_text(json.dumps(dict(config=config, prompts=prompts, rewards=labels,
                                                                    policies=policies), indent=1))
-    rows = range(min(args.grid_prompts, len(prompts)))
-    if rows:
-        figures.side_by_side(args.output_dir / "comparison.png", [[runs[n][3][r] for n in policies] for r in rows],
-                             list(policies), args.video_format, args.fps)
+    cells = [[runs[n][3][r] for n in policies] for r in range(min(args.grid_prompts, len(prompts)))]  # rows prompts
+    pictures = figures.side_by_side(args.output_dir / "comparison.png", cells, list(policies), args.video_format,
+                                    args.fps) if cells else []
+    run = loggers.start(args, rank)  # --report_to: the config, the comparison, then a row per policy
+    loggers.log_media(run, "comparison", pictures, 0)
+    for step, p in enumerate(policies.values()):  # step 0 the base, then the checkpoints in --checkpoint's order
+        loggers.log_row(run, {key: p[key] for key in ("mean", "stderr", "win_rate") if key in p}, step)
+    loggers.finish(run)
 
     width = max(len(n) for n in policies) + 2
     print(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, eta {args.eta}, seed {args.seed}: mean +- "

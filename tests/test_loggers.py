@@ -20,7 +20,7 @@ from conftest import read_metrics
 
 FAST = ["--reward", "brightness", "--iterations", "2", "--group_size", "2", "--prompts_per_rank", "2",
         "--num_steps", "4", "--eval_every", "1"]
-NOT_INSTALLED = "optional: pip install -r requirements-extras.txt (CI installs it; a plain requirements.txt has not)"
+NOT_INSTALLED = "{} is not installed: an optional extra (pip install -r requirements-extras.txt; CI installs it)"
 
 
 def fast(folder):
@@ -88,8 +88,8 @@ def event_file(folder):
     return events
 
 
-def test_tensorboard_event_file_holds_every_row_the_sample_grids_and_the_config(tmp_path):
-    pytest.importorskip("tensorboard", reason=NOT_INSTALLED)
+def test_tensorboard_event_file_holds_every_row_the_sample_grids_the_config_and_evaluate_py_rows(tmp_path):
+    pytest.importorskip("tensorboard", reason=NOT_INSTALLED.format("tensorboard"))
     train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *fast(tmp_path),
                       "--report_to", "tensorboard", "--run_name", "tb-run"])
     rows = read_metrics(tmp_path)
@@ -108,9 +108,22 @@ def test_tensorboard_event_file_holds_every_row_the_sample_grids_and_the_config(
     assert config["model"] == "tiny-flux" and config["group_size"] == 2  # given
     assert config["eta"] == 0.3 and config["num_steps"] == 4 and config["output_dir"] == str(tmp_path)  # resolved
 
+    out = tmp_path / "eval"  # evaluate.py: a row per policy, step 0 the base, then the checkpoint; the comparison
+    evaluate.main(["--checkpoint", str(tmp_path / "checkpoint-000002"), "--reward", "brightness", "--num_steps", "2",
+                   "--prompts", str(tmp_path / "held_out.txt"), "--output_dir", str(out), "--report_to", "tensorboard"])
+    results = json.loads((out / "results.json").read_text())["policies"]
+    events = event_file(out / "tensorboard" / "eval")
+    for key in ("mean", "stderr"):
+        assert [(e.step, e.value) for e in events.Scalars(f"{key}/brightness")] == [
+            (0, pytest.approx(results["base"][key]["brightness"])),
+            (1, pytest.approx(results["checkpoint-000002"][key]["brightness"]))]
+    assert [(e.step, e.value) for e in events.Scalars("win_rate/brightness")] == [
+        (1, results["checkpoint-000002"]["win_rate"]["brightness"])]  # the base has none
+    assert [e.step for e in events.Images("comparison")] == [0]
 
-def test_tensorboard_takes_a_gif_as_a_video_and_evaluate_sends_a_row_per_policy(tmp_path):
-    pytest.importorskip("tensorboard", reason=NOT_INSTALLED)
+
+def test_tensorboard_takes_a_gif_as_a_video(tmp_path):
+    pytest.importorskip("tensorboard", reason=NOT_INSTALLED.format("tensorboard"))
     frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(4)]
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=125, loop=0)
     run = loggers.start(Namespace(report_to="tensorboard", run_name="media", output_dir=tmp_path), rank=0)
@@ -119,17 +132,6 @@ def test_tensorboard_takes_a_gif_as_a_video_and_evaluate_sends_a_row_per_policy(
     video = event_file(tmp_path / "tensorboard" / "media").Images("samples/video_0")
     assert [(v.step, v.width, v.height) for v in video] == [(3, 8, 6)]
     assert video[0].encoded_image_string == (tmp_path / "clip.gif").read_bytes()  # the GIF itself: it plays
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red door\na green hill\n")
-    out = tmp_path / "eval"
-    evaluate.main(["--model", "tiny-flux", "--reward", "brightness", "--prompts", str(prompts), "--num_steps", "2",
-                   "--output_dir", str(out), "--report_to", "tensorboard"])
-    results = json.loads((out / "results.json").read_text())["policies"]
-    events = event_file(out / "tensorboard" / "eval")
-    assert [(e.step, e.value) for e in events.Scalars("mean/brightness")] == [
-        (0, pytest.approx(results["base"]["mean"]["brightness"]))]
-    assert [e.step for e in events.Images("comparison")] == [0]
 
 
 # ----------------------------------------------------------------------------- wandb
@@ -167,7 +169,7 @@ def finished_run(run_file, timeout=60) -> list:
 
 
 def test_wandb_offline_run_folder_holds_every_row_the_videos_and_the_config(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason=NOT_INSTALLED)
+    pytest.importorskip("wandb", reason=NOT_INSTALLED.format("wandb"))
     for name, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_PROJECT="dancegrpo-tests",
                             WANDB_CONFIG_DIR=tmp_path / "config", WANDB_CACHE_DIR=tmp_path / "cache",
                             WANDB_DATA_DIR=tmp_path / "data").items():

@@ -35,20 +35,22 @@ def add_args(parser):
 
 def require(report_to):
     """Import the logger's package now, before any model is built; a missing one ends the run in one line."""
-    if report_to in PACKAGES:
-        import importlib
-        try:
-            importlib.import_module(PACKAGES[report_to])
-        except ImportError:
-            package = PACKAGES[report_to]
-            raise SystemExit(f"error: --report_to {report_to} needs its package: pip install {package}") from None
+    if report_to not in PACKAGES:
+        return
+    import importlib
+    package = PACKAGES[report_to]
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise SystemExit(f"error: --report_to {report_to} needs its package: pip install {package}") from None
 
 
 def config(args) -> dict:
     """The resolved settings (every default filled in) as JSON values; paths as strings."""
     def plain(v):
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v if isinstance(
-            v, (bool, int, float, str, type(None))) else str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
     return {k: plain(v) for k, v in sorted(vars(args).items())}
 
 
@@ -118,5 +120,7 @@ def log_media(run, tag, paths, step):
 
 
 def finish(run):
-    if run is not None:
-        run.handle.close() if run.kind == "tensorboard" else run.handle.finish()
+    if run is not None and run.kind == "tensorboard":
+        run.handle.close()
+    elif run is not None:
+        run.handle.finish()

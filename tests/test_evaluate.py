@@ -97,6 +97,25 @@ def test_the_same_command_gives_the_same_numbers(full_run, tmp_path, capsys):
     assert a["checkpoint-000004"]["weights"] == "ema"  # the EMA by default, where the checkpoint has one
 
 
+def test_saved_samples_are_every_sample_in_prompt_order(full_run, tmp_path):
+    """--save_samples: samples-<policy>.safetensors per policy, [P * S, 3, H, W] in [0, 1]; scored again they give
+    results.json's scores, prompt by prompt and sample by sample."""
+    from safetensors.torch import load_file
+    import rewards
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red door\na green hill\na blue boat\n")
+    evaluate.main(["--checkpoint", str(full_run / "checkpoint-000004"), "--reward", "brightness", "--prompts",
+                   str(prompts), "--samples_per_prompt", "2", "--grid_prompts", "0", "--save_samples",
+                   "--output_dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["policies"]
+    brightness = rewards.REWARDS["brightness"]("cpu")
+    for name in ("base", "checkpoint-000004"):
+        x = load_file(tmp_path / "out" / f"samples-{name}.safetensors")["samples"]
+        assert x.shape == (6, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        expected = torch.tensor(results[name]["scores"]["brightness"]).flatten()  # [P, S] -> [P * S]
+        torch.testing.assert_close(brightness(x, [""] * 6), expected, rtol=0, atol=1e-6)
+
+
 def test_held_out_rows_during_training_are_what_evaluate_py_reports(full_run, tmp_path, capsys):
     rows = [r for r in read_metrics(full_run) if "eval_reward_mean" in r]
     assert [r["iteration"] for r in rows] == [0, 4]  # every 4 iterations (the base first) and at the end

@@ -322,8 +322,8 @@ def train_until(flags, target_gain, folder) -> dict:
         counts["backwards"] += x.shape[0] if torch.is_grad_enabled() else 0  # every training forward is backpropagated
         return predict(pipe, x, *args, **kwargs)
 
-    def watch(args, row, history, rank):
-        log(args, row, history, rank)
+    def watch(args, row, history, rank, run=None):
+        log(args, row, history, rank, run)
         rows.append(dict(row, **counts))
         r = [x["reward_mean"] for x in rows]
         if len(r) >= 3 and sum(r[-3:]) / 3 > r[0] + target_gain:

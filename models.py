@@ -730,6 +730,16 @@ _TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_pe
 _TINY_LORA_LR = 3e-2
 
 
+def check_sampler(model, sde, guidance_scale) -> str | None:
+    """One line where a model cannot sample as asked, or None."""
+    if sde == "flow_grpo" and FAMILY[model] == "sd":
+        return "--sde flow_grpo is a flow SDE; Stable Diffusion v1.4 samples with the DDIM SDE"
+    if FAMILY[model] == "qwenimage" and guidance_scale != 1:
+        return ("--guidance_scale: Qwen-Image trains without CFG (the official --cfg 0.0 is a caption-dropout rate, "
+                "latent_qwenimage_rl_datasets.py:51); QwenImagePipeline's true CFG with its norm rescale is not built")
+    return None
+
+
 def model_defaults(model, lora=False):
     """Official defaults for a real name (with its LoRA script's where `lora`); small CPU-friendly values (same
     sampler settings) for a tiny preset. checkpoint_every None: at the end only. lora None: the model's own choice

@@ -24,6 +24,7 @@ import checkpoint
 import evaluate
 import figures
 import grpo
+import loggers
 import models
 import rewards
 import sampling
@@ -89,6 +90,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
+    loggers.add_args(p)  # --report_to none|tensorboard|wandb, --run_name
     return p
 
 
@@ -110,6 +112,7 @@ def parse_args(argv=None, parser=None):
     problem = check_args(args)
     if problem:
         parser.error(problem)
+    loggers.require(args.report_to)  # a logger asked for and not installed: one line, before anything is built
     if args.print_config:  # the run's settings under the CLI's names, checked before any GPU is spent
         names = [a.dest for a in parser._actions if a.dest not in ("help", "print_config")]
         config = {n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}
@@ -128,11 +131,8 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
-    if args.sde == "flow_grpo" and models.FAMILY[args.model] == "sd":
-        return "--sde flow_grpo is a flow SDE; Stable Diffusion v1.4 samples with the DDIM SDE"
-    if models.FAMILY[args.model] == "qwenimage" and args.guidance_scale != 1:
-        return ("--guidance_scale: Qwen-Image trains without CFG (the official --cfg 0.0 is a caption-dropout rate, "
-                "latent_qwenimage_rl_datasets.py:51); QwenImagePipeline's true CFG with its norm rescale is not built")
+    if problem := models.check_sampler(args.model, args.sde, args.guidance_scale):
+        return problem
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
             args.ode_steps_after and not (args.sde_window and args.shift)):
         return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
@@ -352,16 +352,20 @@ def stop_if_stuck(skipped_in_a_row, args):
                          f"rewards or gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
 
 
-def log_iteration(args, metrics_row, history, rank):
-    """metrics.jsonl gets every number; the terminal one line. Held-out rows (evaluate.held_out) too."""
+def log_iteration(args, metrics_row, history, rank, run=None):
+    """metrics.jsonl and the logger (--report_to) get every number, the terminal one line; held-out rows too."""
     if rank != 0:
         return
     history.append(metrics_row)
     with open(args.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics_row) + "\n")
-    figures.reward_curve(args.output_dir / "reward_curve.png", history)
+    loggers.log_row(run, metrics_row, metrics_row["iteration"])
     if warning := rewards.constant_warning(history):  # on the terminal, not only in metrics.jsonl
         tqdm.write(warning)
+    updates = metrics_row["iteration"] + ("eval_reward_mean" not in metrics_row)  # plots: with the grids and at the end
+    if updates % args.sample_every == 0 or updates >= args.iterations:
+        figures.reward_curve(args.output_dir / "reward_curve.png", history)
+        figures.health(args.output_dir / "health.png", history)
     if "eval_reward_mean" in metrics_row:
         return tqdm.write(f"eval {metrics_row['iteration']:4d} | held-out reward {metrics_row['eval_reward_mean']:.4f}")
     tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
@@ -392,6 +396,7 @@ def main(argv=None):
     schedule = sampling.schedule_for(pipe, args)
     start = checkpoint.load(resume_from, policy, args) if resume_from else 0
     history = checkpoint.load_history(args, start) if rank == 0 else []
+    run = loggers.start(args, rank, start)  # rank 0 with --report_to: the resolved config once
     noise = models.initial_noise(pipe, 4, args.height, args.width, None, sampling.seeded(args.seed, 999))
     fixed = dict(prompts=prompts[:4], noise=noise)  # the sample grids: the same prompts and noise every time
     if rank == 0:
@@ -403,7 +408,7 @@ def main(argv=None):
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
                           total=args.iterations):
         if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device):  # when due
-            log_iteration(args, held_out, history, rank)
+            log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
         groups = group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -427,15 +432,17 @@ def main(argv=None):
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, args), history, rank)
+        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, args), history, rank, run)
         stop_if_stuck(skipped_in_a_row, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             path = args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png"
             figures.sample_grid(pipe, fixed, schedule, args, device, path if rank == 0 else None)
+            loggers.log_media(run, "samples", [path], iteration + 1)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, policy, args, iteration + 1, rank)
     if held_out := evaluate.held_out(pipe, evaluation, args.iterations, args, device):
-        log_iteration(args, held_out, history, rank)
+        log_iteration(args, held_out, history, rank, run)
+    loggers.finish(run)
     return pipe, policy.net
 
 

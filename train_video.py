@@ -28,6 +28,7 @@ import checkpoint
 import evaluate
 import figures
 import grpo
+import loggers
 import models
 import rewards
 import sampling
@@ -98,6 +99,7 @@ def main(argv=None):
     schedule = sampling.schedule_for(pipe, args)  # flow sigmas with the model's shift
     start = checkpoint.load(resume_from, policy, args) if resume_from else 0
     history = checkpoint.load_history(args, start) if rank == 0 else []
+    run = loggers.start(args, rank, start)  # rank 0 with --report_to: the resolved config once
     n_fixed = min(2, len(prompts))  # sample videos: fixed prompts, noise and first frames
     noise = models.initial_noise(pipe, n_fixed, H, W, F, sampling.seeded(args.seed, 999))
     fixed = dict(prompts=prompts[:n_fixed], noise=noise)
@@ -114,7 +116,7 @@ def main(argv=None):
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
                           total=args.iterations):
         if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device, source):  # when due
-            ti.log_iteration(args, held_out, history, rank)
+            ti.log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
         groups = ti.group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -153,34 +155,35 @@ def main(argv=None):
         # 6. log and save
         row = ti.metrics_row(iteration, scores, specs, stats, t0, args,
                              sampled_samples=len(final) * world, trained_samples=len(kept) * world)
-        ti.log_iteration(args, row, history, rank)
+        ti.log_iteration(args, row, history, rank, run)
         ti.stop_if_stuck(skipped, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
             stem = args.output_dir / "samples" / f"iter_{iteration + 1:06d}"
-            save_samples(pipe, fixed, schedule, args, device, stem if rank == 0 else None)
+            files = save_samples(pipe, fixed, schedule, args, device, stem if rank == 0 else None)
+            loggers.log_media(run, "samples", files, iteration + 1)  # the strip as an image, the videos as videos
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint.save(pipe, policy, args, iteration + 1, rank)
     if held_out := evaluate.held_out(pipe, evaluation, args.iterations, args, device, source):
-        ti.log_iteration(args, held_out, history, rank)
+        ti.log_iteration(args, held_out, history, rank, run)
+    loggers.finish(run)
     return pipe, policy.net
 
 
 def save_samples(pipe, fixed, schedule, args, device, stem=None):
     """Fixed prompts, noise and first frames sampled deterministically (sampling.fixed_samples): <stem>_i.gif (or
     .mp4) per video and <stem>.png, a strip of up to 8 evenly spaced frames per video (one row each). All ranks
-    call it; the one given a stem (rank 0) writes."""
+    call it; the one given a stem (rank 0) writes, and returns the files written (the PNG first)."""
     from diffusers.utils import export_to_gif, export_to_video, make_image_grid
     videos = sampling.fixed_samples(pipe, fixed, schedule, args, device)  # [n, F, 3, H, W]
     if stem is None:
-        return
+        return []
     clips = [figures.to_pil(v) for v in videos]  # n lists of F PIL images
-    for i, clip in enumerate(clips):
-        if args.video_format == "mp4":
-            export_to_video(clip, f"{stem}_{i}.mp4", fps=args.fps)
-        else:
-            export_to_gif(clip, f"{stem}_{i}.gif", fps=args.fps)
+    files = [f"{stem}.png"] + [f"{stem}_{i}.{args.video_format}" for i in range(len(clips))]
+    for clip, path in zip(clips, files[1:]):
+        (export_to_video if args.video_format == "mp4" else export_to_gif)(clip, path, fps=args.fps)
     cols = torch.linspace(0, len(clips[0]) - 1, min(8, len(clips[0]))).round().long().tolist()
-    make_image_grid([clip[c] for clip in clips for c in cols], rows=len(clips), cols=len(cols)).save(f"{stem}.png")
+    make_image_grid([clip[c] for clip in clips for c in cols], rows=len(clips), cols=len(cols)).save(files[0])
+    return files
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_print_config_builds_nothing_and_uses_the_cli_names(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(config) <= {a.dest for a in train_image.build_parser()._actions}
+    assert set(config) <= {a.dest for a in train_image.build_parser()._actions} | {"eta_rule"}  # + the SDE's rule
     assert config["model_path"] == str(tmp_path / "none") and not (tmp_path / "none").exists()
 
 

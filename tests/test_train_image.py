@@ -387,8 +387,8 @@ import train_image
 marker = {str(tmp_path / "died")!r}
 if not os.path.exists(marker):  # the first attempt only
     log = train_image.log_iteration
-    def log_then_die(args, row, history, rank):
-        log(args, row, history, rank)
+    def log_then_die(args, row, history, rank, run=None):
+        log(args, row, history, rank, run)
         if row["iteration"] == 2:
             open(marker, "w").close()
             os._exit(3)  # killed: no cleanup, no checkpoint-000003

@@ -1,6 +1,6 @@
 """bench.py: one GRPO iteration in two loop structures, on the same work, side by side (issue 7).
 
-  (a) project   train_image.rollout_groups: one batched SDE rollout of all prompt groups (G samples each);
+  (a) project   sampling.rollout_groups: one batched SDE rollout of all prompt groups (G samples each);
                 models.decode and the reward on the whole batch, in memory; grpo advantages and timesteps;
                 train_image.accumulate_gradients: micro-batches of --micro_batch (sample, timestep) pairs.
   (b) official  the loop structure of DanceGRPO's fastvideo/train_grpo_flux.py: each sample rolled out alone
@@ -51,6 +51,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,9 +62,10 @@ import figures
 import grpo
 import models
 import rewards
+import sampling
 import sde
 import train_image
-from train_image import autocast, seeded
+from sampling import autocast, seeded
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -135,14 +137,26 @@ def random_flux(config, device, dtype, seed) -> FluxPipeline:
 
 # ----------------------------------------------------------------------------- (a) the project
 
-def project_rollout(pipe, cond, groups, shape, schedule, model_t, args):
-    return train_image.rollout_groups(pipe, cond, groups, shape, schedule, model_t, "flow", args, 0)
+class Setup(NamedTuple):
+    """What both structures share: the pipeline, its trained network and parameters, the rewards, the text
+    conditioning and prompts of all samples [N]."""
+    pipe: FluxPipeline
+    net: torch.nn.Module
+    params: list
+    scorers: list
+    specs: list
+    cond: dict
+    prompts: list
 
 
-def project_reward(pipe, scorers, specs, final, prompts, groups, args):
+def project_rollout(setup, cond, groups, schedule, args):
+    return sampling.rollout_groups(setup.pipe, cond, groups, schedule, args, 0)
+
+
+def project_reward(setup, final, prompts, groups, args):
     """Decode and score in memory, then advantages and timesteps (train_image.main, sections 3-4)."""
-    scores = train_image.decode_and_score(pipe, final, prompts, scorers, args)  # [K, N]
-    return advantages_and_steps(scores, specs, groups, args)
+    scores = sampling.decode_and_score(setup.pipe, final, prompts, setup.scorers, args)  # [K, N]
+    return advantages_and_steps(scores, setup.specs, groups, args)
 
 
 def project_update(pipe, batch, args, device):
@@ -159,10 +173,12 @@ def advantages_and_steps(scores, specs, groups, args):
 # ----------------------------------------------------------------------------- (b) the official structure
 
 @torch.no_grad()
-def official_rollout(pipe, cond, groups, shape, schedule, model_t, args, device):
+def official_rollout(setup, cond, groups, schedule, args, device):
     """Batch-1 rollouts (official sample_reference_model: batch_size = 1). Each group's noise is drawn from
     (a)'s generators in (a)'s order, so sample s sees the noise (a) gave it."""
-    G, T, schedule, model_t = args.group_size, len(model_t), schedule.to(device), model_t.to(device)
+    pipe, shape, call = setup.pipe, sampling.latent_shape(setup.pipe, args), call_settings(args)
+    G, T = args.group_size, len(schedule.model_t)
+    model_t, schedule = schedule.model_t.to(device), schedule.levels.to(device)
     all_latents, all_log_probs, finals = [], [], []
     for n, g in enumerate(groups):
         x_T = sde.group_noise(1, G, shape, seeded(args.seed, 0, g), args.same_noise).to(device)  # [G, ...]
@@ -174,7 +190,7 @@ def official_rollout(pipe, cond, groups, shape, schedule, model_t, args, device)
             for i in range(T):
                 x = xs[-1]
                 with autocast(device):
-                    v = models.predict(pipe, x, model_t[i:i + 1], c, args.guidance_scale, args.height, args.width)
+                    v = models.predict(pipe, x, model_t[i:i + 1], c, **call)
                 _, _, mean, std = sde.flow_sde_step(v, x, schedule[i], schedule[i + 1], args.eta, prev_sample=x)
                 x_next = mean + std * eps[s:s + 1, i]  # the official flux_step: mean + std * randn
                 _, log_prob, _, _ = sde.flow_sde_step(v, x, schedule[i], schedule[i + 1], args.eta, prev_sample=x_next)
@@ -187,29 +203,31 @@ def official_rollout(pipe, cond, groups, shape, schedule, model_t, args, device)
 
 
 @torch.no_grad()
-def official_reward(pipe, scorers, specs, final, prompts, groups, args, folder):
+def official_reward(setup, final, prompts, groups, args, folder):
     """Per image: decode alone, save flux_<rank>_<index>.png, read it back, score (official structure)."""
-    scores = []
+    pipe, scores = setup.pipe, []
     for i in range(len(final)):
         with autocast(final.device):
             image = models.decode(pipe, final[i:i + 1], args.height, args.width)  # [1, 3, H, W]
         path = Path(folder) / f"flux_0_{i}.png"
         figures.to_pil(image)[0].save(path)
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None] / 255.0
-        scores.append(torch.stack([s(pixels.to(final.device), prompts[i:i + 1]).float() for s in scorers]))  # [K, 1]
-    return advantages_and_steps(torch.cat(scores, 1), specs, groups, args)
+        pixels = pixels.to(final.device)
+        scores.append(torch.stack([s(pixels, prompts[i:i + 1]).float() for s in setup.scorers]))  # [K, 1]
+    return advantages_and_steps(torch.cat(scores, 1), setup.specs, groups, args)
 
 
 def official_update(pipe, batch, args, device):
     """For each sample, for each of its timesteps: forward (batch 1), clipped loss / (N k), backward."""
     n, k = batch["steps"].shape
-    schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
+    schedule, model_t = batch["schedule"].levels.to(device), batch["schedule"].model_t.to(device)
+    call = call_settings(args)
     for b in range(n):
         c = {key: v[b:b + 1] for key, v in batch["cond"].items()}
         for j in batch["steps"][b].tolist():
             x, x_next = batch["latents"][b:b + 1, j].to(device), batch["latents"][b:b + 1, j + 1].to(device)
             with autocast(device):
-                v = models.predict(pipe, x, model_t[j:j + 1], c, args.guidance_scale, args.height, args.width)
+                v = models.predict(pipe, x, model_t[j:j + 1], c, **call)
             _, log_prob, _, _ = sde.flow_sde_step(v, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)
             old, adv = batch["log_probs"][b:b + 1, j].to(device), batch["advantages"][:, b:b + 1].to(device)
             (grpo.clipped_loss(log_prob, old, adv, args.clip_range, batch["weights"]) / (n * k)).backward()
@@ -226,27 +244,30 @@ def max_rel_diff(grads, params) -> float:
     return diff
 
 
+def call_settings(args) -> dict:
+    """models.predict's named settings for this run."""
+    return dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+
+
 def iteration(setup, groups, args, device, folder):
     """Rollout, reward, update in (a) then (b), phase by phase. Returns times {phase: (a_s, b_s)} and checks."""
-    pipe, net, params, scorers, specs, cond, prompts, shape = setup
-    schedule, model_t, _ = train_image.schedule_for(pipe, args)
+    pipe, net, params, scorers, specs, _, _ = setup
+    schedule = sampling.schedule_for(pipe, args)
     rows = slice(groups[0] * args.group_size, (groups[-1] + 1) * args.group_size)
-    cond, prompts = {k: v[rows] for k, v in cond.items()}, prompts[rows]
-    a_roll, ta = timed(lambda: project_rollout(pipe, cond, groups, shape, schedule, model_t, args), device)
-    b_roll, tb = timed(lambda: official_rollout(pipe, cond, groups, shape, schedule, model_t, args, device), device)
+    cond, prompts = {k: v[rows] for k, v in setup.cond.items()}, setup.prompts[rows]
+    a_roll, ta = timed(lambda: project_rollout(setup, cond, groups, schedule, args), device)
+    b_roll, tb = timed(lambda: official_rollout(setup, cond, groups, schedule, args, device), device)
     times, checks = {"rollout": (ta, tb)}, {}
     if scorers:
-        (scores, adv, steps), ta = timed(lambda: project_reward(pipe, scorers, specs, a_roll[2], prompts, groups,
-                                                                args), device)
-        (scores_b, _, _), tb = timed(lambda: official_reward(pipe, scorers, specs, b_roll[2], prompts, groups,
-                                                             args, folder), device)
+        (scores, adv, steps), ta = timed(lambda: project_reward(setup, a_roll[2], prompts, groups, args), device)
+        (scores_b, _, _), tb = timed(lambda: official_reward(setup, b_roll[2], prompts, groups, args, folder), device)
         times["reward"] = (ta, tb)
         checks["reward_max_abs_diff"] = (scores - scores_b).abs().max().item()  # the PNG's 8-bit rounding
     else:  # no reward model (--model flux): random scores, untimed
         scores = torch.randn(1, len(prompts), generator=seeded(args.seed, 0, 3))
         _, adv, steps = advantages_and_steps(scores, specs[:1], groups, args)
     batch = dict(latents=a_roll[0], log_probs=a_roll[1], advantages=adv, weights=[s.weight for s in specs[:len(adv)]],
-                 steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind="flow", extra=None)
+                 steps=steps, cond=cond, schedule=schedule, extra=None)
     net.zero_grad(set_to_none=True)
     _, ta = timed(lambda: project_update(pipe, batch, args, device), device)
     grads_a = [p.grad.to("cpu", copy=True) for p in params]  # off the device: FLUX's are 24 GB
@@ -301,8 +322,8 @@ def train_until(flags, target_gain, folder) -> dict:
         counts["backwards"] += x.shape[0] if torch.is_grad_enabled() else 0  # every training forward is backpropagated
         return predict(pipe, x, *args, **kwargs)
 
-    def watch(args, row, history, rank):
-        log(args, row, history, rank)
+    def watch(args, row, history, rank, run=None):
+        log(args, row, history, rank, run)
         rows.append(dict(row, **counts))
         r = [x["reward_mean"] for x in rows]
         if len(r) >= 3 and sum(r[-3:]) / 3 > r[0] + target_gain:
@@ -399,7 +420,7 @@ def main(argv=None):
         pipe, scorers = random_flux(FLUX_DEV, device, dtype, args.seed), []
     else:
         pipe, scorers = models.load_pipeline(args.model, seed=args.seed), rewards.build_scorers(specs, device)
-    net, params, _ = train_image.prepare_policy(pipe, args, device)
+    net, params, _, _ = train_image.prepare_policy(pipe, args, device)
     if args.model == "flux":
         g = torch.Generator(device).manual_seed(args.seed)
         cond = {"prompt_embeds": torch.randn(len(prompts), models.FLUX_TEXT_LEN, FLUX_DEV["joint_attention_dim"],
@@ -408,8 +429,8 @@ def main(argv=None):
                                                     device=device, dtype=dtype)}
     else:
         cond = models.encode_prompts(pipe, prompts, device)
-    shape = models.initial_noise(pipe, 1, args.height, args.width, None, seeded(args.seed)).shape[1:]  # [L, 4C]
-    setup = (pipe, net, params, scorers, specs, cond, prompts, shape)
+    shape = sampling.latent_shape(pipe, args)  # [L, 4C]
+    setup = Setup(pipe, net, params, scorers, specs, cond, prompts)
     warm = copy.copy(args)  # warm-up: one prompt group, 3 steps, every batch shape of the timed run
     warm.num_steps, warm.timestep_fraction = min(3, args.num_steps), 1.0
     peak = peak_flops(device, dtype)

@@ -13,16 +13,17 @@ nothing downloaded), one fixed split (`split`). On it:
   - a diversity figure of samples against the training digits, so reward hacking shows in numbers.
 
 GRPO on it (models.model_defaults("tiny-digits"): flow SDE eta 0.7, 10 steps, shift 3, 4 prompts x 8 samples,
-timestep fraction 0.6, lr 3e-4, 80 iterations, reward `digit` of --target_digit 3):
+timestep fraction 0.6, lr 3e-4, KL 0.8, 80 iterations, reward `digit` of --target_digit 3):
 
-    OMP_NUM_THREADS=1 python train_image.py --model tiny-digits --kl_coef 0.1    # ~30 s on a CPU core
+    python train_image.py --model tiny-digits
 
 takes the judge's fraction of 3s on fixed noise (eta 0) from 0.11 to 1.00 (seeds 0, 1, 2) while the samples stay
 real-looking digits (diversity: 32-48 distinct nearest training digits of 256 samples, nn_distance 0.14-0.16).
 With --kl_coef 0 the policy collapses onto one or two jagged 3s on a speckled background (2-6 distinct neighbours,
 nn_distance up to 0.21-0.28): both classifiers still call them 3s, so the diversity figure shows what they miss.
---kl_coef 0.1 is the KL as grpo.gaussian_kl computes it per step; with the KL scaled by the step size
-sigma - sigma_next (Flow-GRPO's beta), 0.8 gives the same result.
+--kl_coef is Flow-GRPO's beta (grpo.kl_penalty: the step's KL times sigma - sigma_next); 0.8 here did what 0.1
+did on the step's KL itself, and the plain conversion 0.1 / mean step size (1.2) is too strong: the late,
+low-noise steps weigh more in Flow-GRPO's scale (judge 0.93-0.98, 66-75 distinct neighbours).
 """
 
 import argparse
@@ -142,7 +143,7 @@ def pretrain(steps=4000, batch_size=128, lr=2e-3, seed=0, log_every=500):
         sigma = torch.rand(batch_size, generator=g)  # [B]
         x = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * x1
         cond = {k: v.expand(batch_size, *v.shape[1:]) for k, v in embedding.items()}
-        v = models.predict(pipe, x, sigma, cond, 1.0, DIGIT_SIZE, DIGIT_SIZE)  # [B, 16, 4]
+        v = models.predict(pipe, x, sigma, cond, guidance_scale=1.0, height=DIGIT_SIZE, width=DIGIT_SIZE)  # [B, 16, 4]
         loss = (v - (x1 - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

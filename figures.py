@@ -1,6 +1,7 @@
-"""The pictures of a run, drawn with PIL only (no matplotlib):
+"""The pictures of a run: plots drawn with matplotlib (the Agg backend, no pyplot), images and grids with PIL.
 
   reward_curve   metrics.jsonl as a plot: training reward mean with a one-std band, held-out points
+  health         the health figures by iteration: clip fraction and ratio by sampling step, groups without spread
   side_by_side   evaluate.py's comparison: rows prompts, columns policies (videos: frame strips and a GIF/MP4)
   sample_grid    train_image.py's samples/iter_N.png: fixed prompts and noise, deterministic sampler
   to_pil         tensors in [0, 1] as PIL images, tiny ones enlarged to be seen
@@ -8,10 +9,16 @@
 
 import math
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-TRAIN, BAND, HELD_OUT = (31, 119, 180), (198, 219, 239), (214, 39, 40)
+import sampling
+
+TRAIN, HELD_OUT = "tab:blue", "tab:red"
 
 
 def to_pil(images: torch.Tensor, min_size=128):
@@ -22,59 +29,74 @@ def to_pil(images: torch.Tensor, min_size=128):
     return [im.resize((im.width * scale, im.height * scale), 0) for im in pil] if scale > 1 else pil
 
 
-def reward_curve(path, rows: list[dict], size=(720, 420)):
-    """Plot reward against iteration: the training reward_mean as a line inside a band of +- one
-    reward_std, and eval_reward_mean (held-out prompts, deterministic sampler) as dots. Rows are
-    metrics.jsonl rows; non-finite values (skipped updates) are left out. Nothing is written
-    when there is nothing to plot."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _save(fig, path) -> Figure:
+    FigureCanvasAgg(fig)  # the Agg backend for this figure alone: no pyplot, no global figure state
+    fig.savefig(path)
+    return fig
+
+
+def reward_curve(path, rows: list[dict], size=(7.2, 4.2)) -> Figure | None:
+    """Plot reward against iteration (the policy after that many updates): the training reward_mean as a line
+    inside a band of +- one reward_std (over the iteration's samples), and eval_reward_mean (held-out prompts,
+    deterministic sampler) as points. Rows are metrics.jsonl rows; non-finite values (skipped updates) are left
+    out. Writes path and returns the figure; nothing is written (None) when there is nothing to plot."""
     train = [(r["iteration"], r["reward_mean"], r["reward_std"]) for r in rows
-             if "reward_mean" in r and math.isfinite(r["reward_mean"]) and math.isfinite(r["reward_std"])]
-    held = [(r["iteration"], r["eval_reward_mean"]) for r in rows if math.isfinite(r.get("eval_reward_mean", math.nan))]
+             if _finite(r.get("reward_mean")) and _finite(r.get("reward_std"))]
+    held = [(r["iteration"], r["eval_reward_mean"]) for r in rows if _finite(r.get("eval_reward_mean"))]
     if not train and not held:
-        return
-    xs = [t[0] for t in train] + [h[0] for h in held]
-    ys = [m + s * k for _, m, s in train for k in (-1, 1)] + [h[1] for h in held]
-    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
-    x1, pad_y = max(x1, x0 + 1), (y1 - y0) * 0.05 or 1e-3
-    y0, y1 = y0 - pad_y, y1 + pad_y
-    w, h = size
-    left, right, top, bottom = 80, 20, 40, 60
-
-    def px(x, y):
-        return left + (w - left - right) * (x - x0) / (x1 - x0), h - bottom - (h - top - bottom) * (y - y0) / (y1 - y0)
-
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    if len(train) > 1:  # the band: mean + std forward, mean - std back
-        d.polygon([px(x, m + s) for x, m, s in train] + [px(x, m - s) for x, m, s in reversed(train)], fill=BAND)
+        return None
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    ax = fig.add_subplot()
     if train:
-        line = [px(x, m) for x, m, _ in train]
-        d.line(line if len(line) > 1 else line * 2, fill=TRAIN, width=2)
-    for x, y in held:
-        cx, cy = px(x, y)
-        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=HELD_OUT)
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):  # ticks: 5 on each axis
-        y = y0 + (y1 - y0) * i / 4
-        _, cy = px(x0, y)
-        d.line([left - 4, cy, left, cy], fill="black")
-        d.text((4, cy - 6), f"{y:.4g}", fill="black")
-        x = round(x0 + (x1 - x0) * i / 4)  # iterations are whole numbers
-        cx, _ = px(x, y0)
-        d.line([cx, h - bottom, cx, h - bottom + 4], fill="black")
-        d.text((cx - 8, h - bottom + 8), str(x), fill="black")
-    d.text((w // 2 - 30, h - 22), "iteration", fill="black")
-    d.text((4, 8), "reward", fill="black")
-    d.text((left + 60, 8), "training mean +- 1 std", fill=TRAIN)
+        x, mean, std = (np.array(c, dtype=float) for c in zip(*train))
+        ax.fill_between(x, mean - std, mean + std, color=TRAIN, alpha=0.2, linewidth=0, label="training: +- 1 std")
+        ax.plot(x, mean, color=TRAIN, marker="." if len(x) == 1 else None, label="training: reward_mean")
     if held:
-        d.text((left + 260, 8), "held-out mean (eval_reward_mean)", fill=HELD_OUT)
-    img.save(path)
+        x, y = zip(*held)
+        ax.plot(x, y, "o--", color=HELD_OUT, label="held-out: eval_reward_mean (eta 0)")
+    ax.set(xlabel="iteration", ylabel="reward", title="reward")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def health(path, rows: list[dict], size=(7.2, 7.2)) -> Figure | None:
+    """The health figures of the training rows (docs/evaluation.md#health-figures) against iteration, one panel
+    each: clip_fraction_by_step and ratio_by_step as heat maps (sampling step by iteration; blank where a step
+    was not trained), groups_without_spread as a line. Writes path and returns the figure; None without rows."""
+    rows = [r for r in rows if "ratio_by_step" in r]
+    if not rows:
+        return None
+    x = np.array([r["iteration"] for r in rows], dtype=float)
+    x_edges = np.concatenate([[x[0] - 0.5], (x[1:] + x[:-1]) / 2, [x[-1] + 0.5]])  # cells centred on iterations
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True)
+    for ax, key, meaning in zip(axes, ("clip_fraction_by_step", "ratio_by_step"),
+                                ("fraction with |r - 1| > clip_range", "mean |r - 1|")):
+        grid = np.array([[math.nan if v is None else v for v in r[key]] for r in rows], dtype=float).T  # [T, n]
+        top = 1.0 if key == "clip_fraction_by_step" or not np.isfinite(grid).any() else np.nanmax(grid) or 1.0
+        mesh = ax.pcolormesh(x_edges, np.arange(len(grid) + 1) - 0.5, np.ma.masked_invalid(grid), vmin=0, vmax=top)
+        fig.colorbar(mesh, ax=ax, label=meaning)
+        ax.set(ylabel="sampling step", title=key)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    spread = [r["groups_without_spread"] for r in rows]
+    axes[2].plot(x, spread, marker=".", color=TRAIN, label="groups_without_spread (no advantage, no gradient)")
+    axes[2].set(xlabel="iteration", ylabel="fraction of groups", ylim=(-0.05, 1.05), title="groups without spread")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(loc="best")
+    return _save(fig, path)
 
 
 def side_by_side(path, cells: list[list[torch.Tensor]], labels: list[str], video_format="gif", fps=8, min_size=128):
     """cells[row][col]: an image [3, H, W] or a video [F, 3, H, W] in [0, 1] (rows prompts, columns policies),
     labels: one per column. Writes path (PNG; a video cell is a strip of up to 4 evenly spaced frames) and, for
-    videos, path with .gif (or .mp4): the whole grid, frame by frame."""
+    videos, path with .gif (or .mp4): the whole grid, frame by frame. Returns the files written."""
     from diffusers.utils import export_to_gif, export_to_video
     video = cells[0][0].ndim == 4
     frames = cells[0][0].shape[0] if video else 1
@@ -95,23 +117,19 @@ def side_by_side(path, cells: list[list[torch.Tensor]], labels: list[str], video
         return img
 
     grid(lambda c: c[strip] if video else c[None]).save(path)
-    if video:
-        clip = [grid(lambda c, t=t: c[t:t + 1]) for t in range(frames)]
-        stem = str(path).rsplit(".", 1)[0]
-        (export_to_video if video_format == "mp4" else export_to_gif)(clip, f"{stem}.{video_format}", fps=fps)
+    if not video:
+        return [path]
+    clip = [grid(lambda c, t=t: c[t:t + 1]) for t in range(frames)]
+    moving = f"{str(path).rsplit('.', 1)[0]}.{video_format}"
+    (export_to_video if video_format == "mp4" else export_to_gif)(clip, moving, fps=fps)
+    return [path, moving]
 
 
-@torch.no_grad()
-def sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank):
-    """samples/iter_<iteration + 1>.png: a row of fixed prompts from fixed noise, sampled deterministically
-    (eta = 0), the same picture at every save, so the grids show what training changed. All ranks call it."""
+def sample_grid(pipe, fixed, schedule, args, device, path=None):
+    """A row of fixed prompts from fixed noise, sampled deterministically (eta = 0: sampling.fixed_samples), the
+    same picture at every save, so the grids show what training changed. All ranks call it (a sharded network
+    runs its collectives on all); the one given a path (rank 0) writes it."""
     from diffusers.utils import make_image_grid
-    import models
-    import train_image as ti
-    cond = models.encode_prompts(pipe, fixed["prompts"], device)
-    _, _, final = ti.sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, kind, 0.0, args, None)
-    with ti.autocast(device):
-        images = models.decode(pipe, final, args.height, args.width)
-    if rank == 0:
-        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(
-            args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png")
+    images = sampling.fixed_samples(pipe, fixed, schedule, args, device)  # [n, 3, H, W]
+    if path is not None:
+        make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(path)

@@ -7,8 +7,9 @@
   select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
   sde_window                MixGRPO's sliding window of SDE (and trained) steps  arXiv 2507.21802
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
-  gaussian_kl               optional KL to a reference policy (off by default; the paper has none)
-  groups_without_spread     fraction of groups whose rewards are all equal (no gradient)
+  gaussian_kl               KL of one step to a reference policy, per sample (the paper has none)
+  kl_penalty                Flow-GRPO's kl_loss: gaussian_kl times the step's length in sigma   arXiv 2505.05470
+  groups_without_spread     fraction of groups whose rewards are equal at float32 resolution (no gradient)
   update_health             approx_kl (k3) and, per sampling step, mean |r - 1| and the clipped fraction
 
 Every function depends on torch and math only and may be copied on its own.
@@ -24,12 +25,27 @@ def _check_groups(n: int, group_size: int) -> None:
         raise ValueError(f"the number of samples ({n}) must be a multiple of group_size ({group_size})")
 
 
+def _without_spread(r: torch.Tensor) -> torch.Tensor:
+    """Groups r [..., G] (float32) whose rewards do not differ at float32 resolution -> bool [...].
+
+    Rule: max - min <= G * eps * max|r|, eps = 2^-23 (float32's machine epsilon). A float32 sum of G rewards errs
+    by up to (G - 1) u sum|r_i| with u = eps / 2 (recursive summation, Higham 2002, "Accuracy and Stability of
+    Numerical Algorithms", Sec. 4.2), so their float32 mean errs by up to G u max|r| = (G / 2) eps max|r|. Within
+    the rule's range that error is at least half the range: the deviations r_i - mean, and their z-scores, are
+    rounding, not reward: twelve float32 copies of 0.3 (range 0) have a float32 std of 3e-8 and, z-scored,
+    advantages near 1 (up to the clip for other values). Equal rewards (all 0 too) are always without spread.
+    """
+    scale = r.abs().amax(dim=-1)  # [...]
+    return r.amax(dim=-1) - r.amin(dim=-1) <= r.shape[-1] * torch.finfo(torch.float32).eps * scale
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) -> torch.Tensor:
     """Advantages A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-8), clipped to [-clip, clip].
 
     rewards: Tensor[N], N = num_prompts * group_size, the G samples of one prompt consecutive.
-    The std is the unbiased one (torch.std), as in the official code. A group whose rewards are
-    all equal gets zero advantages (and so no gradient), not NaN.
+    The std is the unbiased one (torch.std), as in the official code. A group without spread (its
+    rewards equal at float32 resolution, _without_spread) gets advantages exactly 0 (no gradient),
+    neither NaN nor the z-scores of rounding noise.
     Returns Tensor[N] float32.
     """
     if rewards.ndim != 1:
@@ -37,6 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0) 
     _check_groups(rewards.shape[0], group_size)
     r = rewards.float().view(-1, group_size)  # [P, G]
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-8)  # Eq. (4)
+    adv = torch.where(_without_spread(r)[:, None], torch.zeros_like(adv), adv)  # [P, G]
     return adv.clamp(-clip, clip).flatten()
 
 
@@ -68,7 +85,7 @@ def clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
     loss is sum_k w_k * loss(A_k), one clipped loss per reward as the official HunyuanVideo script
     (vq_coef * L(A_vq) + mq_coef * L(A_mq)). That differs from one loss of the weighted advantage
     sum_k w_k A_k once a ratio leaves the clip range and the rewards' advantages differ in sign.
-    No KL term: the paper drops it (see gaussian_kl for an optional one). Returns a scalar.
+    No KL term: the paper drops it (see kl_penalty and gaussian_kl for optional ones). Returns a scalar.
     """
     rows = advantages if advantages.ndim == 2 else advantages[None]  # [K, M]
     weights = [1.0] if weights is None else list(weights)
@@ -163,14 +180,38 @@ def gaussian_kl(mean, ref_mean, std):
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
+def kl_penalty(mean, ref_mean, std, sigma, sigma_next):
+    """Flow-GRPO's KL loss per sample (yifan123/flow_grpo at ac4c86e, scripts/train_sd3.py:895-897, beta 0.01 in
+    config/grpo.py:128 pickscore_sd3):
+
+      kl = mean_d (mean - ref_mean)^2 / (2 std_dev_t^2),   std_dev_t = std / sqrt(sigma - sigma_next)
+
+    std_dev_t is the noise per unit time (sd3_sde_with_logprob.py:47, which they return), not the step's std
+    std_dev_t sqrt(sigma - sigma_next) (:59) that both policies share, so this is (sigma - sigma_next) times the
+    step's true KL gaussian_kl(mean, ref_mean, std). They reduce with mean(dim=(1, 2, 3), keepdim=True), divide by
+    std_dev_t [B, 1, 1, 1], then take torch.mean over the batch: this returns the [B] values before that mean.
+
+    mean, ref_mean: [B, ...] the step's mean under the policy and under the reference; std: the step's std
+    [B, 1, ...] (flow_sde_step's); sigma, sigma_next: floats or [B] tensors. Returns Tensor[B] float32.
+    """
+    if std.numel() not in (1, mean.shape[0]):
+        raise ValueError(f"std must be one value per sample [B, 1, ...], B={mean.shape[0]}, got {tuple(std.shape)}")
+    delta = torch.as_tensor(sigma, dtype=torch.float32, device=mean.device) - torch.as_tensor(
+        sigma_next, dtype=torch.float32, device=mean.device)  # [B] or []
+    std_dev_t_sq = std.float().flatten() ** 2 / delta  # [B]: std^2 = std_dev_t^2 (sigma - sigma_next)
+    squared = (mean.float() - ref_mean.float()) ** 2
+    return squared.mean(dim=tuple(range(1, squared.ndim))) / (2 * std_dev_t_sq)  # [B]
+
+
 def groups_without_spread(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of prompt groups whose rewards are all equal, for every reward: their advantages are 0
-    and they give no gradient. rewards: Tensor[N] or [K, N]. A rising value warns of a saturated or
-    binary reward (every sample passes, or none does) or of samples that no longer differ (collapse)."""
+    """Fraction of prompt groups without spread (equal at float32 resolution, the rule group_advantages
+    zeroes by) in every reward: their advantages are 0 and they give no gradient. rewards: Tensor[N] or
+    [K, N]. A rising value warns of a saturated or binary reward (every sample passes, or none does) or
+    of samples that no longer differ (collapse)."""
     rows = rewards if rewards.ndim == 2 else rewards[None]  # [K, N]
     _check_groups(rows.shape[1], group_size)
-    r = rows.reshape(rows.shape[0], -1, group_size)  # [K, P, G]
-    return (r == r[..., :1]).all(dim=2).all(dim=0).float().mean().item()
+    r = rows.float().reshape(rows.shape[0], -1, group_size)  # [K, P, G]
+    return _without_spread(r).all(dim=0).float().mean().item()
 
 
 def update_health(ratios, steps, num_steps: int, clip_range: float) -> dict:

@@ -20,7 +20,9 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
 """
 import contextlib
 import copy
+import logging
 import string
+import sys
 from pathlib import Path
 
 import torch
@@ -288,7 +290,9 @@ def _tiny_sd35():
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3.5-Medium's scheduler_config.json
+    # SD3.5-Medium's scheduler/scheduler_config.json on the hub: FlowMatchEulerDiscreteScheduler, num_train_timesteps
+    # 1000, shift 3.0, every other key at its default (no dynamic shifting)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
                                     text_encoder_2=clip2, tokenizer_2=clip2_tok, text_encoder_3=t5,
                                     tokenizer_3=t5_tok, transformer=transformer)
@@ -407,11 +411,44 @@ def _text_len(tokenizer, default):
     return min(default, tokenizer.model_max_length)
 
 
+class _Truncations(logging.Filter):
+    """Drops, and counts, the warnings that a prompt was cut to the text encoder's length: diffusers repeats the cut
+    text in every call (megabytes a run for one long prompt)."""
+    MARKS = ("was truncated", "longer than the specified maximum sequence length")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record):
+        cut = any(mark in record.getMessage() for mark in self.MARKS)
+        self.count += cut
+        return not cut
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, device):
     """Text conditioning as a dict of batch-first tensors (leading dim B = len(prompts)), via the pipeline's own
-    encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys."""
-    family, prompts = _family(pipe), list(prompts)
+    encode_prompt. SD and SkyReels (CFG) add the empty prompt's embeddings under `negative_*` keys. A prompt longer
+    than a text encoder reads is cut to its length (as the pipelines do), told in one line once per pipeline."""
+    handlers, cuts = logging.getLogger("diffusers").handlers + logging.getLogger("transformers").handlers, _Truncations()
+    for h in handlers:
+        h.addFilter(cuts)
+    try:
+        cond = _encode_prompts(pipe, list(prompts), device)
+    finally:
+        for h in handlers:
+            h.removeFilter(cuts)
+    if cuts.count and not getattr(pipe, "_told_truncation", False):
+        pipe._told_truncation = True
+        longest = max(prompts, key=len)
+        print(f"warning: prompts longer than the text encoder reads are cut to its length (e.g. {len(longest)} "
+              f"characters: {longest[:40]!r}...); told once", file=sys.stderr, flush=True)
+    return cond
+
+
+def _encode_prompts(pipe, prompts, device):
+    family = _family(pipe)
     if family == "flux" and pipe.text_encoder is None:  # tiny-digits: its learned constant, the same for every prompt
         given = {k: v.to(pipe.transformer.dtype).expand(len(prompts), *v.shape[1:])
                  for k, v in pipe.prompt_embedding.items()}
@@ -495,12 +532,13 @@ def _flux_packed_hw(pipe, height, width):
     return 2 * (height // (s * 2)), 2 * (width // (s * 2))
 
 
-def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
+def predict(pipe, latents, t, cond, *, guidance_scale, height, width, extra=None):
     """One network call on latents [B, ...] (step layout) at t: Tensor[B] (sigma in [0, 1] for flow models, the
     integer DDPM timestep for SD). Returns velocity (flow) or epsilon (SD) in float32, same shape as latents.
 
-    FLUX / Hunyuan: guidance_scale is the embedded guidance, one call. SD / SkyReels: classifier-free guidance,
-    uncond and cond batched in one call: uncond + s * (cond - uncond)."""
+    FLUX / Hunyuan: guidance_scale is the embedded guidance, one call. SD / SD3.5 / Wan / SkyReels: classifier-free
+    guidance, uncond and cond batched in one call: uncond + s * (cond - uncond); for SD3.5 the gradient flows through
+    the conditional branch only (Flow-GRPO's detach), the others train both branches as their official code."""
     family, net = _family(pipe), trained_module(pipe)
     dtype, B = net.dtype, latents.shape[0]
     x = latents.to(dtype)
@@ -518,17 +556,19 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
     elif family == "sd":
         if guidance_scale == 1.0:
             out = net(x, t, encoder_hidden_states=c["prompt_embeds"], return_dict=False)[0]
-        else:  # DDIM's scale_model_input is the identity, so the latents go in as they are
+        else:  # DDIM's scale_model_input is the identity; both branches train (DanceGRPO train_grpo_sd.py:611-622)
             eps = net(torch.cat([x, x]), torch.cat([t, t]), return_dict=False,
                       encoder_hidden_states=torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]]))[0]
             uncond, text = eps.float().chunk(2)
             return uncond + guidance_scale * (text - uncond)
     elif family == "sd35":  # StableDiffusion3Pipeline passes the scheduler's timestep sigma * 1000
+        # Flow-GRPO trains through the conditional branch only: noise_pred_uncond.detach() (scripts/train_sd3.py:190)
         return _guided(lambda x, t, prompt_embeds, pooled_prompt_embeds: net(
             hidden_states=x, timestep=t * 1000, encoder_hidden_states=prompt_embeds,  # x: [B, 16, h, w]
             pooled_projections=pooled_prompt_embeds, return_dict=False)[0],
-            x, t.float(), c, ("prompt_embeds", "pooled_prompt_embeds"), guidance_scale)
+            x, t.float(), c, ("prompt_embeds", "pooled_prompt_embeds"), guidance_scale, detach_uncond=True)
     elif family == "wan":  # WanPipeline passes the scheduler's timestep sigma * 1000
+        # both branches keep their gradient, as DanceGRPO's grpo_one_step (train_grpo_wan_2_1.py:238-248)
         return _guided(lambda x, t, prompt_embeds: net(hidden_states=x, timestep=t * 1000,  # x: [B, C, f, h, w]
                                                        encoder_hidden_states=prompt_embeds, return_dict=False)[0],
                        x, t.float(), c, ("prompt_embeds",), guidance_scale)
@@ -559,14 +599,16 @@ def predict(pipe, latents, t, cond, guidance_scale, height, width, extra=None):
     return out.float()
 
 
-def _guided(call, x, t, cond, keys, guidance_scale):
+def _guided(call, x, t, cond, keys, guidance_scale, detach_uncond=False):
     """Classifier-free guidance, uncond + s * (cond - uncond) in float32, the two branches batched in one call
     (the pipelines make one batched call too, Wan two; the official Wan GRPO one). The unconditional branch reads
-    the `negative_<key>` entries of cond; guidance_scale 1 is a single conditional call. call(x, t, **cond)."""
+    the `negative_<key>` entries of cond; guidance_scale 1 is a single conditional call. call(x, t, **cond).
+    detach_uncond: no gradient through the unconditional branch (same value), so d out = s d cond."""
     if guidance_scale == 1.0:
         return call(x, t, **{k: cond[k] for k in keys}).float()
     out = call(torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([cond[k], cond["negative_" + k]]) for k in keys})
     text, uncond = out.float().chunk(2)
+    uncond = uncond.detach() if detach_uncond else uncond
     return uncond + guidance_scale * (text - uncond)
 
 
@@ -579,6 +621,29 @@ def ddim_schedule(pipe, num_steps):
     timesteps = scheduler.timesteps.long()  # [T]
     alpha_bars = torch.cat([scheduler.alphas_cumprod[timesteps], scheduler.final_alpha_cumprod.reshape(1)])
     return timesteps, alpha_bars.float()
+
+
+def flow_schedule(pipe, num_steps):
+    """The sigmas Tensor[T + 1] a flow pipeline samples with by itself: its FlowMatchEulerDiscreteScheduler's
+    set_timesteps(T) with no sigmas given, as StableDiffusion3Pipeline's retrieve_timesteps and Flow-GRPO's rollout
+    (yifan123/flow_grpo flow_grpo/diffusers_patch/sd3_pipeline_with_logprob.py:119-127, sigmas=None) call it:
+
+      sigma_min = shift(1 / N)              the scheduler's smallest training sigma (N = num_train_timesteps)
+      t = linspace(1, sigma_min, T), sigma = shift(t) = s t / (1 + (s - 1) t), then a trailing 0
+
+    (diffusers scheduling_flow_match_euler_discrete.py, __init__ and set_timesteps). This is not
+    sde.flow_sigmas(T, s), the shift of linspace(1, 0, T + 1): SD3.5-M (s = 3, N = 1000) at T = 10 ends its last
+    step at sigma 0.0089 where flow_sigmas has 0.25. Only for schedulers without resolution-dependent shifting
+    (SD3.5, Wan as loaded here); the network's timestep is sigma (predict multiplies by 1000 where the pipeline does).
+    """
+    scheduler = pipe.scheduler
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or scheduler.config.use_dynamic_shifting:
+        shifting = scheduler.config.get("use_dynamic_shifting")
+        raise ValueError(f"flow_schedule needs a FlowMatchEulerDiscreteScheduler without dynamic shifting, got "
+                         f"{type(scheduler).__name__} (use_dynamic_shifting={shifting})")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # a copy: set_timesteps mutates it
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.float()  # [T + 1], 1 -> 0
 
 
 @torch.no_grad()
@@ -665,10 +730,12 @@ _DEFAULTS = {
     # alpha 64 (train_sd3.py:430-431) with lr 3e-4 (base.py:63; the LoRA rate below), train batch 9 (:124), grad
     # norm 1.0 (base.py:76), checkpoint every 60 (:131), 5 kept (base.py:19).
     # timestep_fraction 0.99 of 10 steps trains steps 0-8 there (train_sd3.py:345): all T-1 trainable steps here.
-    # deviation: eta 0.7 is Flow-GRPO's noise_level, here in DanceGRPO's flow SDE (std eta * sqrt(dt)); Flow-GRPO's
-    # SDE scales it by sqrt(sigma / (1 - sigma)) (the two agree at sigma = 0.5). Its KL term (beta 0.01), global
-    # std and EMA (0.9 every 8 steps, train_sd3.py:445) are not used. PickScore (:135). lr 1e-5: --lora_rank 0.
-    "sd35": dict(num_steps=10, shift=3.0, eta=0.7, guidance_scale=4.5, height=512, width=512, size_multiple=16,
+    # Flow-GRPO's SDE (sde.flow_grpo_etas) at noise level 0.7 (base.py:54) on the scheduler's own sigmas
+    # (models.flow_schedule), independent initial noise per image (train_sd3.py:639-651 passes no latents), KL beta
+    # 0.01 (:128) as its kl_loss (grpo.kl_penalty), evaluation with 40 steps at noise 0 (:114). deviation: its
+    # global std and EMA (0.9 every 8 steps, train_sd3.py:445) are not used. PickScore (:135). lr 1e-5: --lora_rank 0.
+    "sd35": dict(num_steps=10, shift=3.0, sde="flow_grpo", eta=0.7, same_noise=False, kl_coef=0.01, eval_num_steps=40,
+                 guidance_scale=4.5, height=512, width=512, size_multiple=16,
                  group_size=24, prompts_per_rank=6, timestep_fraction=1.0, lr=1e-5, lora_rank=32, iterations=1000,
                  grad_accum=72, micro_batch=9, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=5,
                  reward="pickscore"),
@@ -685,7 +752,8 @@ _DEFAULTS = {
     # (:49), 12 samples a prompt (:48) sharing their noise (:53), 2 prompts a rank (:25), one optimizer step per 12
     # samples (:30), lr 1e-5 (:32), 300 steps (:31), checkpoint every 60 (:34), grad norm 1.0 (:45), fraction 0.6
     # (:52), HPS-v2.1 (:47);
-    # no CFG and no guidance embedding (--cfg 0.0, :36; train_grpo_qwenimage.py:222-233), no EMA (no --use_ema).
+    # no CFG and no guidance embedding (train_grpo_qwenimage.py:222-233; its --cfg 0.0, :36, is the caption-dropout
+    # rate, latent_qwenimage_rl_datasets.py:51), no EMA (no --use_ema).
     "qwenimage": dict(num_steps=20, shift=3.0, eta=0.3, guidance_scale=1.0, height=720, width=720, size_multiple=16,
                       group_size=12, prompts_per_rank=2, timestep_fraction=0.6, lr=1e-5, iterations=300, grad_accum=12,
                       micro_batch=4, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=60, keep_checkpoints=2,
@@ -707,11 +775,21 @@ _TINY_DEFAULTS = dict(num_steps=8, height=32, width=32, group_size=8, prompts_pe
 _TINY_LORA_LR = 3e-2
 # tiny-digits (digits.py): the DanceGRPO flow SDE at Flow-GRPO's noise level 0.7 (eta here), 10 steps, shift 3,
 # 4 prompts x 8 samples (one update per iteration), timestep fraction 0.6, lr 3e-4, the `digit` reward (--target_digit).
-# The KL coefficient is not a model default (--kl_coef defaults to 0): pass it, see digits.py.
-_DIGITS_DEFAULTS = dict(num_steps=10, shift=3.0, eta=0.7, guidance_scale=1.0, height=8, width=8, size_multiple=2,
-                        group_size=8, prompts_per_rank=4, timestep_fraction=0.6, lr=3e-4, iterations=80, grad_accum=32,
+# KL 0.8 as Flow-GRPO's kl_loss (grpo.kl_penalty): without it GRPO finds an off-manifold 3 (reward hacking).
+_DIGITS_DEFAULTS = dict(num_steps=10, shift=3.0, sde="dance", eta=0.7, same_noise=True, kl_coef=0.8, guidance_scale=1.0,
+                        height=8, width=8, size_multiple=2, group_size=8, prompts_per_rank=4, timestep_fraction=0.6, lr=3e-4, iterations=80, grad_accum=32,
                         micro_batch=160, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=None, keep_checkpoints=2,
                         reward="digit")
+
+
+def check_sampler(model, sde, guidance_scale) -> str | None:
+    """One line where a model cannot sample as asked, or None."""
+    if sde == "flow_grpo" and FAMILY[model] == "sd":
+        return "--sde flow_grpo is a flow SDE; Stable Diffusion v1.4 samples with the DDIM SDE"
+    if FAMILY[model] == "qwenimage" and guidance_scale != 1:
+        return ("--guidance_scale: Qwen-Image trains without CFG (the official --cfg 0.0 is a caption-dropout rate, "
+                "latent_qwenimage_rl_datasets.py:51); QwenImagePipeline's true CFG with its norm rescale is not built")
+    return None
 
 
 def model_defaults(model, lora=False):
@@ -722,7 +800,7 @@ def model_defaults(model, lora=False):
     if model == "tiny-digits":
         return dict(_DIGITS_DEFAULTS, lora_rank=0, **({"lr": 3e-3} if lora else {}))  # LoRA: 10x, as the other tiny
     real = "sd14" if family == "sd" else family  # _DEFAULTS is keyed by the real model's name
-    d = dict(_DEFAULTS[real])
+    d = {"sde": None if family == "sd" else "dance", "same_noise": True, "kl_coef": 0.0, **_DEFAULTS[real]}
     if lora is None:
         lora = model not in TINY and d.get("lora_rank", 0) > 0
     d["lora_rank"] = d.get("lora_rank", 0) if lora else 0

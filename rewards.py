@@ -32,7 +32,9 @@ VideoAlign reports (raw - mean) / std with the mean/std of its model_config.json
 like the released model's own forward it runs Qwen2-VL with plain positions 0..L-1 (no M-RoPE).
 HPSv3 reports mu, the first of its head's (mu, sigma) at <|Reward|>, on the image resized to
 256*28*28 pixels, as its inference.py and DanceGRPO's scripts ([:, 0]); plain positions too.
-A reward model that errors raises; a non-finite score raises FloatingPointError.
+A reward model that errors raises; a non-finite score raises FloatingPointError. build_scorers(timeout=,
+retries=) bounds both for the train scripts (guarded): a reward that keeps failing, or hangs past the timeout,
+stops the run with one line naming it; constant_warning tells the terminal when a reward stopped telling samples apart.
 deviation: preprocessing runs in torch on the device (bicubic with antialias on the 8-bit-rounded
 input) instead of PIL images and mp4 files written to disk; the numbers differ by resampling and
 video-codec noise only. Models run in float32 (VideoAlign, HPSv3: bfloat16 on GPU) with LoRA merged into
@@ -46,6 +48,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -690,18 +693,71 @@ def parse_reward_spec(spec: str) -> list[RewardSpec]:
     return specs
 
 
-def build_scorers(specs, device, video_fps=None, target_digit=3):
+def build_scorers(specs, device, video_fps=None, *, target_digit=3, timeout=None, retries=0):
     """One scorer per spec, thresholded to 0/1 where the spec has a threshold; a model used by
     several specs (e.g. 'hps:1,hps@0.28:0.5') is built once. video_fps: the frame rate the videos
     play at (train_video's --fps); VideoAlign samples its frames by it, as the official scripts,
     which save each video at --fps and let VideoAlign read it back. target_digit: the digit that
-    `digit` and `digit_judge` reward (--target_digit)."""
+    `digit` and `digit_judge` reward (--target_digit). timeout (seconds, None: none) and retries: each
+    call guarded by them (guarded)."""
     def build(name):
         fps = {"fps": float(video_fps)} if video_fps and name.startswith("videoalign") else {}
         target = {"target": int(target_digit)} if name in ("digit", "digit_judge") else {}
-        return REWARDS[name](device, **fps, **target)
+        return guarded(name, REWARDS[name](device, **fps, **target), timeout, retries)
     base = {name: build(name) for name in dict.fromkeys(s.name for s in specs)}
 
     def binary(fn, threshold):
         return lambda x, prompts: (fn(x, prompts) > threshold).float()
     return [base[s.name] if s.threshold is None else binary(base[s.name], s.threshold) for s in specs]
+
+
+def guarded(name, fn, timeout=None, retries=0):
+    """Scorer `fn` with a deadline and retries. Each call runs in a daemon thread that the caller waits for at most
+    `timeout` seconds (a hung reward model cannot be interrupted, but the run need not wait for it, nor for it at
+    exit). A call that raised is retried up to `retries` times, one warning line each; one that gives no score in
+    time is not (it may still hold its memory). What still fails stops the run: SystemExit, one line naming the
+    reward and the error; the train loop has saved nothing since its last checkpoint. Non-finite scores
+    (FloatingPointError) pass through: that iteration skips its update (sampling.score)."""
+    def scorer(x, prompts):
+        for attempt in range(retries + 1):
+            done, box = threading.Event(), {}
+
+            def call():
+                try:
+                    if x.is_cuda:  # the current device is per thread
+                        torch.cuda.set_device(x.device)
+                    box["scores"] = fn(x, prompts)
+                except BaseException as e:  # handed to the caller's thread
+                    box["error"] = e
+                finally:
+                    done.set()
+            threading.Thread(target=call, name=f"reward {name}", daemon=True).start()
+            if not done.wait(timeout):
+                raise SystemExit(f"error: reward {name} gave no score within --reward_timeout {timeout:g} s (hung?); "
+                                 f"the run stops, its last checkpoint is intact")
+            error = box.get("error")
+            if error is None:
+                return box["scores"]
+            if isinstance(error, (FloatingPointError, KeyboardInterrupt, SystemExit)):
+                raise error
+            why = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            if attempt < retries:
+                print(f"warning: reward {name} failed ({why}); retry {attempt + 1} of {retries}", flush=True)
+        raise SystemExit(f"error: reward {name} failed {retries + 1} time(s) in a row ({why}); the run stops, its "
+                         f"last checkpoint is intact")
+    return scorer
+
+
+def constant_warning(rows, iterations=3) -> str | None:
+    """A warning line when the last `iterations` training rows of metrics.jsonl (in `rows`) are the first to give
+    every sample of every group the same score (groups_without_spread 1): no advantage, no gradient. None else,
+    so a lasting constant reward is told once, then again every `iterations` iterations."""
+    streak = 0
+    for row in reversed([r for r in rows if "groups_without_spread" in r]):
+        if row["groups_without_spread"] < 1:
+            break
+        streak += 1
+    if streak and streak % iterations == 0:
+        return (f"warning: the reward gave all samples of each group the same score for the last {streak} iterations: "
+                f"no advantage, no learning (a saturated or binary reward, a broken reward model, or collapsed samples?)")
+    return None

@@ -6,6 +6,7 @@ Gaussian transition x_t -> x_{t-1} ~ N(mean, std^2); its log-density is what the
 clipped GRPO objective (grpo.py) compares before and after an update.
 
   flow_sigmas     the rectified-flow noise schedule with the SD3 time shift
+  flow_grpo_etas  per-step etas that make flow_sde_step Flow-GRPO's SDE (SD3.5-M)    arXiv 2505.05470
   flow_sde_step   one step of the rectified-flow SDE (FLUX, HunyuanVideo, SkyReels)   Sec. 3.2
   ddim_sde_step   one step of the DDIM SDE (Stable Diffusion), as in DDPO            Sec. 3.2
   rollout         a whole batched trajectory, keeping every latent and log-prob; an eta per step
@@ -39,9 +40,37 @@ def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
-def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A float or a [B] tensor -> float32 tensor [B, 1, ..., 1] that broadcasts against `like`."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+def flow_grpo_etas(schedule: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Per-step eta for flow_sde_step that gives Flow-GRPO's SDE (Liu et al. 2025, arXiv 2505.05470), whose
+    noise per unit time grows with the noise level (yifan123/flow_grpo at ac4c86e,
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:44, 47):
+
+      eta_i = a * sqrt(sigma_i / (1 - s_i)),   s_i = schedule[1] where sigma_i == 1, else sigma_i
+
+    Only the denominator's sigma is replaced (1 - 1 would divide by 0); the numerator stays 1, so the
+    first step of a schedule from 1 gets eta_0 = a / sqrt(1 - schedule[1]).
+    Why eta_i is all it takes: with dt = sigma_next - sigma = -delta their mean (:50) is
+      x (1 - eta^2 delta / (2 sigma)) - v delta (1 + eta^2 (1 - sigma) / (2 sigma)),
+    and flow_sde_step's  x - delta v + eta^2 / 2 delta score  with  score = -(x + (1 - sigma) v) / sigma
+    (x - (1 - sigma)(x - sigma v) = sigma x + sigma (1 - sigma) v) expands to the same. Their step std
+    std_dev_t sqrt(-dt) (:59) is flow_sde_step's eta sqrt(delta), and their log_prob (:61-68) is the same
+    Gaussian density averaged over non-batch dims. They return std_dev_t itself (eta_i, per unit time)
+    where flow_sde_step returns the step's std eta_i sqrt(delta).
+
+    schedule: the sigmas Tensor[T + 1], 1 -> 0 (e.g. models.flow_schedule). noise_level: a (0.7 in Flow-GRPO).
+    Returns float32 Tensor[T]; step i goes from schedule[i] to schedule[i + 1] with eta_i.
+    """
+    if schedule.ndim != 1 or len(schedule) < 2 or noise_level < 0:
+        raise ValueError(f"need a 1-D schedule of T + 1 >= 2 sigmas and noise_level >= 0, got shape "
+                         f"{tuple(schedule.shape)} and {noise_level}")
+    sigma = schedule[:-1].float()  # [T], where each step starts
+    denominator = 1 - torch.where(sigma == 1, schedule[1].float(), sigma)  # [T]
+    return (sigma / denominator).sqrt() * noise_level  # [T]
+
+
+def _per_sample(value, like: torch.Tensor, name: str, dtype=torch.float32) -> torch.Tensor:
+    """A float or a [B] tensor -> `dtype` tensor [B, 1, ..., 1] that broadcasts against `like`."""
+    value = torch.as_tensor(value, dtype=dtype, device=like.device)
     if value.ndim == 0:
         value = value.expand(like.shape[0])
     if value.shape != (like.shape[0],):
@@ -50,8 +79,8 @@ def _per_sample(value, like: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_inputs(model_output: torch.Tensor, latents: torch.Tensor, prev_sample, eta, names: str) -> None:
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if bool((eta < 0).any()):
+        raise ValueError(f"eta must be >= 0, got {eta.flatten().tolist()}")
     if model_output.shape != latents.shape:
         raise ValueError(f"{names} must have the same shape as latents, got {tuple(model_output.shape)} and {tuple(latents.shape)}")
     if prev_sample is not None and prev_sample.shape != latents.shape:
@@ -89,7 +118,7 @@ def _gaussian_step(mean, std, prev_sample, generator):
     return prev_sample, log_prob
 
 
-def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, generator=None):
+def flow_sde_step(velocity, latents, sigma, sigma_next, eta, *, prev_sample=None, generator=None):
     """One step of the rectified-flow SDE with the log-prob of its transition (DanceGRPO Sec. 3.2).
 
     The model predicts the velocity v = eps - x0 of the path x_sigma = (1 - sigma) x0 + sigma eps.
@@ -107,12 +136,13 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     Args:
       velocity, latents: [B, ...] (any layout: [B,C,H,W], packed [B,L,D], video [B,C,T,H,W]).
       sigma, sigma_next: floats or [B] tensors (one noise level per sample), sigma > sigma_next >= 0.
-      eta: noise scale >= 0.
+      eta: noise scale >= 0, a float or a [B] tensor (one per sample, e.g. flow_grpo_etas(...)[steps]).
       prev_sample: the x_{t-1} whose log-prob to compute (training); sampled when None (rollout).
       generator: torch.Generator for the sampled noise, or a list splitting the batch into equal parts.
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
+    eta = _per_sample(eta, latents, "eta", torch.float64)  # float64: eta^2 / 2 rounds to float32 once, as a float's
     _check_inputs(velocity, latents, prev_sample, eta, "velocity")
     sigma = _per_sample(sigma, latents, "sigma")
     sigma_next = _per_sample(sigma_next, latents, "sigma_next")
@@ -122,13 +152,13 @@ def flow_sde_step(velocity, latents, sigma, sigma_next, eta, prev_sample=None, g
     delta = sigma - sigma_next
     x0_hat = x - sigma * v
     score = -(x - (1 - sigma) * x0_hat) / sigma**2
-    mean = x - delta * v + 0.5 * eta**2 * delta * score
-    std = eta * delta.sqrt()
+    mean = x - delta * v + (0.5 * eta**2).float() * delta * score
+    std = eta.float() * delta.sqrt()
     prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
     return prev_sample, log_prob, mean, std
 
 
-def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_sample=None, generator=None):
+def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, *, prev_sample=None, generator=None):
     """One DDIM step with its Gaussian log-prob (Song et al. 2021 "DDIM", Eq. 12 and 16; as DDPO uses it).
 
       x0_hat = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
@@ -141,10 +171,11 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_samp
     Args:
       noise_pred, latents: [B, ...], epsilon prediction and x_t.
       alpha_bar, alpha_bar_prev: cumulative alphas a_t < a_prev, floats or [B] tensors.
-      eta, prev_sample, generator: as in flow_sde_step.
+      eta, prev_sample, generator: as in flow_sde_step (eta a float or a [B] tensor).
     Returns:
       (prev_sample [B, ...] float32, log_prob [B] float32, mean [B, ...], std [B, 1, ...])
     """
+    eta = _per_sample(eta, latents, "eta", torch.float64)
     _check_inputs(noise_pred, latents, prev_sample, eta, "noise_pred")
     a_t = _per_sample(alpha_bar, latents, "alpha_bar")
     a_prev = _per_sample(alpha_bar_prev, latents, "alpha_bar_prev")
@@ -153,7 +184,7 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, prev_samp
     x, eps = latents.float(), noise_pred.float()
     x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * var.sqrt()
+    std = eta.float() * var.sqrt()
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     prev_sample, log_prob = _gaussian_step(mean, std, prev_sample, generator)
     return prev_sample, log_prob, mean, std
@@ -170,7 +201,7 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
       schedule: Tensor[T + 1], sigmas 1 -> 0 (flow) or cumulative alphas a_T -> a_final (ddim);
         step i goes from schedule[i] to schedule[i + 1].
       eta: SDE noise scale, one float for every step, or a sequence of T floats, one per step
-        (window_etas). A step with eta 0 is an ODE step (Euler / deterministic DDIM): no noise is
+        (window_etas, flow_grpo_etas). A step with eta 0 is an ODE step (Euler / deterministic DDIM): no noise is
         drawn from the generator and its log-prob is NaN, i.e. none is kept (it is not a policy step).
       kind: "flow" or "ddim".
       generator: torch.Generator for the per-step noise, or a list (one per equal slice of the batch).

@@ -12,9 +12,9 @@ pick small sizes that train on a laptop CPU in minutes. train_video.py reuses th
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,9 +24,10 @@ import checkpoint
 import evaluate
 import figures
 import grpo
+import loggers
 import models
 import rewards
-import sde
+import sampling
 
 IMAGE_MODELS = ("flux", "sd14", "tiny-flux", "tiny-sd", "sd35", "tiny-sd35", "qwenimage", "tiny-qwenimage", "tiny-digits")
 DEFAULT_PROMPTS = [
@@ -53,7 +54,9 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, help="samples per prompt, G")
     p.add_argument("--prompts_per_rank", type=int, help="prompt groups each rank rolls out per iteration")
     p.add_argument("--num_steps", type=int, help="sampling steps T")
-    p.add_argument("--eta", type=float, help="SDE noise scale")
+    p.add_argument("--sde", choices=("dance", "flow_grpo"), help="flow SDE: DanceGRPO's (std eta sqrt(dt)) or "
+                   "Flow-GRPO's (eta the noise level a of a sqrt(sigma / (1 - sigma))); default: the model's")
+    p.add_argument("--eta", type=float, help="SDE noise scale (--sde flow_grpo: Flow-GRPO's noise level)")
     p.add_argument("--shift", type=float, help="SD3 time shift of the flow schedule")
     p.add_argument("--guidance_scale", type=float, help="embedded guidance (FLUX) or CFG scale (SD)")
     p.add_argument("--timestep_fraction", type=float, help="fraction of the T-1 trainable steps each sample trains")
@@ -69,11 +72,11 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--micro_batch", type=int, help="(sample, timestep) pairs per forward/backward")
     p.add_argument("--rollout_batch", type=int, help="samples per network call in the rollout (default: all)")
     p.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    p.add_argument("--same_noise", action=argparse.BooleanOptionalAction, default=True,
-                   help="samples of one group share their initial noise")
+    p.add_argument("--same_noise", action=argparse.BooleanOptionalAction,
+                   help="samples of one group share their initial noise (default: yes; sd35 no, as Flow-GRPO)")
     p.add_argument("--ema_decay", type=float, help="EMA of the trained weights, saved beside them (0 = off)")
     p.add_argument("--lora_rank", type=int, help="0 = full fine-tune, else LoRA rank; default: the model's (sd35: 32)")
-    p.add_argument("--kl_coef", type=float, default=0.0, help="KL toward the initial policy (Flow-GRPO's beta; 0 = off)")
+    p.add_argument("--kl_coef", type=float, help="KL toward the initial policy, Flow-GRPO's beta (0 = off; sd35: 0.01)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target_digit", type=int, default=3, choices=range(10), help="the digit the digit rewards ask for")
@@ -81,11 +84,14 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                                                         "tiny: at the end)")
     p.add_argument("--keep_checkpoints", type=int, help="newest checkpoints kept on disk (0 = all; default 2, video 3)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
+    p.add_argument("--reward_timeout", type=float, default=600.0, help="seconds a reward call may take, else the run stops")
+    p.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
+    p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
+    loggers.add_args(p)  # --report_to none|tensorboard|wandb, --run_name
     return p
 
 
@@ -107,9 +113,11 @@ def parse_args(argv=None, parser=None):
     problem = check_args(args)
     if problem:
         parser.error(problem)
+    loggers.require(args.report_to)  # a logger asked for and not installed: one line, before anything is built
     if args.print_config:  # the run's settings under the CLI's names, checked before any GPU is spent
         names = [a.dest for a in parser._actions if a.dest not in ("help", "print_config")]
-        print(json.dumps({n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}))
+        config = {n: str(v) if isinstance(v, Path) else v for n, v in vars(args).items() if n in names}
+        print(json.dumps({**config, "eta_rule": sampling.ETA_RULES.get(args.sde)}))  # the SDE's noise at a step
         raise SystemExit(0)
     return args
 
@@ -124,6 +132,8 @@ def check_args(args) -> str | None:
         return f"--num_steps {args.num_steps} with --timestep_fraction {args.timestep_fraction} trains no step"
     if args.eta <= 0:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
+    if problem := models.check_sampler(args.model, args.sde, args.guidance_scale):
+        return problem
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
             args.ode_steps_after and not (args.sde_window and args.shift)):
         return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
@@ -131,7 +141,7 @@ def check_args(args) -> str | None:
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
-    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints", "kl_coef"):
+    for name in ("lora_rank", "weight_decay", "guidance_scale", "keep_checkpoints", "kl_coef", "reward_retries"):
         if getattr(args, name) < 0:
             return f"--{name} must be >= 0, got {getattr(args, name)}"
     if args.shift is not None and args.shift <= 0 or args.max_grad_norm <= 0 or args.lora_rank and args.lora_alpha <= 0:
@@ -141,8 +151,8 @@ def check_args(args) -> str | None:
         return f"--resolution/--height/--width must be multiples of {m} for {args.model}, got {args.height}x{args.width}"
     if not 0 <= args.ema_decay < 1:
         return f"--ema_decay must be in [0, 1), got {args.ema_decay}"
-    if args.clip_range <= 0 or args.adv_clip <= 0 or args.lr <= 0:
-        return "--clip_range, --adv_clip and --lr must be > 0"
+    if min(args.clip_range, args.adv_clip, args.lr, args.reward_timeout) <= 0:
+        return "--clip_range, --adv_clip, --lr and --reward_timeout must be > 0"
     if args.prompts and not Path(args.prompts).is_file():
         return f"--prompts {args.prompts}: no such file"
     if args.output_dir.exists() and not args.output_dir.is_dir():
@@ -154,38 +164,18 @@ def check_args(args) -> str | None:
     return evaluate.check_train_args(args)
 
 
-def read_prompts(path) -> list[str]:
-    if path is None:
-        return DEFAULT_PROMPTS
-    try:
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: --prompts {path}: cannot read it as UTF-8 text ({e})")
-    if not prompts:
-        raise SystemExit(f"error: --prompts {path} holds no prompt")
-    return prompts
-
-
 # ----------------------------------------------------------------------------- 1. setup
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE; a plain `python` run is one process without a process group."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on recent cuDNN
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+class Policy(NamedTuple):
+    """What training changes, one value: the network (sharded under torchrun), its trained parameters, their
+    AdamW, and their EMA (a list of tensors like params, or None)."""
+    net: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    ema: list | None
 
 
-def prepare_policy(pipe, args, device):
+def prepare_policy(pipe, args, device) -> Policy:
     """The trained network: LoRA adapters or all weights, sharded with FSDP2 across ranks.
 
     On CUDA: the network's weights (LoRA: the frozen base too, as train_grpo_flux_lora.py) stay fp32
@@ -215,7 +205,8 @@ def prepare_policy(pipe, args, device):
         fully_shard(net, mp_policy=mp)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    return net, params, optimizer
+    ema = [p.detach().clone() for p in params] if args.ema_decay else None  # --ema_decay 0: no EMA
+    return Policy(net, params, optimizer, ema)
 
 
 def mixed_precision(dtype=None):
@@ -228,33 +219,7 @@ def mixed_precision(dtype=None):
                                 cast_forward_inputs=False)
 
 
-def autocast(device):
-    """bf16 compute on CUDA, one process and torchrun alike; fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-
-
-def progress(total, desc):
-    """An inner progress bar (rank 0, terminals only) that disappears when done."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return tqdm(total=total, desc=desc, leave=False, disable=None if rank == 0 else True)
-
-
-def progress_range(start, stop, step, desc):
-    """range(start, stop, step) with a progress bar."""
-    with progress(len(range(start, stop, step)), desc) as bar:
-        for i in range(start, stop, step):
-            yield i
-            bar.update()
-
-
-def seeded(*keys, device="cpu") -> torch.Generator:
-    """A generator seeded by a tuple (seed, iteration, rank, ...): draws are reproducible on resume
-    and distinct across ranks and iterations."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2**63)
-    return torch.Generator(device).manual_seed(seed)
-
+# ----------------------------------------------------------------------------- 2. rollout and 4. timesteps
 
 def group_ids(iteration, rank, world, per_rank) -> list[int]:
     """Global indices of the prompt groups a rank rolls out in an iteration. Every seed of a group
@@ -267,112 +232,15 @@ def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
     out = []
     for index in group_ids(iteration, rank, world, per_rank):
         epoch, position = divmod(index, len(prompts))
-        out.append(prompts[torch.randperm(len(prompts), generator=seeded(seed, epoch))[position]])
+        out.append(prompts[torch.randperm(len(prompts), generator=sampling.seeded(seed, epoch))[position]])
     return out
-
-
-# ----------------------------------------------------------------------------- 2. rollout
-
-def schedule_for(pipe, args):
-    """(schedule [T+1] the SDE steps along, model_t [T] the network's timestep at each step, kind)."""
-    if models.FAMILY[args.model] == "sd":
-        timesteps, alpha_bars = models.ddim_schedule(pipe, args.num_steps)
-        return alpha_bars, timesteps, "ddim"
-    sigmas = sde.flow_sigmas(args.num_steps, args.shift)
-    return sigmas, sigmas[:-1], "flow"
-
-
-@torch.no_grad()
-def sample(pipe, cond, noise, schedule, model_t, kind, eta, args, generator, extra=None, shared_first=1):
-    """Roll out a batch with the SDE: latents [B, T+1, ...], log_probs [B, T], final [B, ...].
-    The network sees `rollout_batch` samples a call (all when None): less memory, the same samples.
-    shared_first = G when each run of G samples shares its noise, prompt and first frame: their
-    first step is then one network call, not G (the same velocity; the SDE noise still differs)."""
-    device, chunk = noise.device, args.rollout_batch or len(noise)
-
-    def network(x, t, rows):
-        outs = []
-        for part in (rows[s:s + chunk] for s in range(0, len(rows), chunk)):
-            with autocast(device):
-                outs.append(models.predict(pipe, x[part], t[part], {k: v[part] for k, v in cond.items()},
-                                           args.guidance_scale, args.height, args.width,
-                                           {k: v[part] for k, v in extra.items()} if extra else None))
-        return torch.cat(outs)
-
-    bar = progress(len(model_t), "rollout")
-
-    def denoise(x, i):
-        bar.update()
-        t = model_t[i].to(device).expand(x.shape[0])
-        if i == 0 and shared_first > 1:
-            return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
-        return network(x, t, torch.arange(len(x)))
-    with bar:
-        return sde.rollout(denoise, noise, schedule.to(device), eta, kind, generator)
-
-
-def rollout_groups(pipe, cond, groups, noise_shape, schedule, model_t, kind, args, iteration, extra=None):
-    """Roll out all prompt groups of a rank as one batch (DanceGRPO Alg. 1, line 4).
-
-    cond / extra: batch-first dicts for all N = len(groups) * G samples, groups consecutive.
-    Group g draws its shared initial noise from seeded(seed, iteration, g) and its SDE noise from
-    seeded(seed, iteration, g, 1), so the samples do not depend on how groups are spread over
-    ranks. Returns latents [N, T+1, ...], log_probs [N, T], final [N, ...].
-    """
-    device = next(iter(cond.values())).device
-    noise = sde.group_noise(len(groups), args.group_size, noise_shape,
-                            [seeded(args.seed, iteration, g) for g in groups], args.same_noise).to(device)
-    step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
-    eta, window = args.eta, grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
-    if window is not None:  # MixGRPO: SDE in the window, ODE outside; Flash: fewer ODE steps after it
-        schedule, model_t, eta = sde.window_plan(schedule, model_t, args.eta, window, args.shift, args.ode_steps_after)
-    return sample(pipe, cond, noise, schedule, model_t, kind, eta, args, step_noise, extra,
-                  shared_first=args.group_size if args.same_noise else 1)
 
 
 def timesteps_for(groups, args, iteration) -> torch.Tensor:
     """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
-                                            seeded(args.seed, iteration, g, 2), window) for g in groups])
-
-
-# ----------------------------------------------------------------------------- 3. reward
-
-def score(scorers, x, prompts) -> torch.Tensor:
-    """Scores [K, N] of K rewards on images or videos x. A reward that reports non-finite scores
-    gives NaN for the batch: that iteration skips its update instead of learning from garbage."""
-    rows = []
-    for scorer in scorers:
-        try:
-            rows.append(scorer(x, prompts).float())
-        except FloatingPointError as e:
-            tqdm.write(f"warning: {e}; this update is skipped")
-            rows.append(torch.full((x.shape[0],), float("nan"), device=x.device))
-    return torch.stack(rows)
-
-
-def decode_and_score(pipe, final, prompts, scorers, args) -> torch.Tensor:
-    """Decode the final latents to images or videos in [0, 1] (bf16 on CUDA) and score them in memory,
-    `micro_batch` samples at a time. Returns [K, N]. The reward models run outside the training
-    autocast, in their own precision (rewards.py: float32; VideoAlign, HPSv3 bf16 on CUDA), the same on one
-    GPU and under torchrun."""
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(final), args.micro_batch):
-            with autocast(final.device):
-                x = models.decode(pipe, final[i:i + args.micro_batch], args.height, args.width)  # [m, (F,) 3, H, W]
-            scores.append(score(scorers, x, prompts[i:i + args.micro_batch]))
-    return torch.cat(scores, dim=1)
-
-
-def all_ranks(flag: bool, device) -> bool:
-    """True where every rank says True (ranks must agree to run collective updates)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+                                            sampling.seeded(args.seed, iteration, g, 2), window) for g in groups])
 
 
 # ----------------------------------------------------------------------------- 5. policy update
@@ -381,48 +249,55 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
     """Backward of the clipped loss (Eq. 3) averaged over the given (sample, timestep) pairs, in
     micro-batches of `micro_batch` pairs, each a single batched forward at per-sample timesteps.
 
-    With --kl_coef, beta KL(policy || initial policy) is added per pair (Flow-GRPO's KL loss).
+    With --kl_coef, beta times Flow-GRPO's kl_loss toward the initial policy is added per pair (flow models:
+    grpo.kl_penalty, train_sd3.py:894-897, so a beta from their configs means the same here; SD: the step's KL).
     pair_sample, pair_step: LongTensor[P]. Returns (loss, ratios [P], KL); gradients accumulate in .grad.
     """
-    step_fn = sde.flow_sde_step if batch["kind"] == "flow" else sde.ddim_sde_step
-    schedule, model_t = batch["schedule"].to(device), batch["model_t"].to(device)
+    s = batch["schedule"]  # the rollout's: the same levels and etas, so r = 1 before the first update
+    levels, model_t, etas, step = s.levels.to(device), s.model_t.to(device), s.etas.to(device), s.step
+    call = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     total_loss, ratios, total_kl = 0.0, [], 0.0
-    for start in progress_range(0, len(pair_sample), args.micro_batch, "update"):
-        b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]  # [m]
-        x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)  # [m, ...]
-        cond = {key: v[b] for key, v in batch["cond"].items()}
-        extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
-        with autocast(device):
-            out = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
-        _, log_prob, mean, std = step_fn(out, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)  # [m]
-        old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
-        loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"])
-        if args.kl_coef:  # deviation (opt-in, as Flow-GRPO): the step under the frozen initial policy, same std
-            with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), autocast(device):
-                ref = models.predict(pipe, x, model_t[j], cond, args.guidance_scale, args.height, args.width, extra)
-            kl = grpo.gaussian_kl(mean, step_fn(ref, x, schedule[j], schedule[j + 1], args.eta, prev_sample=x_next)[2], std).mean()
-            loss, total_kl = loss + args.kl_coef * kl, total_kl + kl.item() * len(b) / len(pair_sample)
-        loss = loss * len(b) / len(pair_sample)
-        loss.backward()
-        total_loss += loss.item()
-        ratios.append(torch.exp(log_prob.detach() - old_log_prob))
+    with sampling.progress(len(pair_sample), "update") as bar:
+        for start in range(0, len(pair_sample), args.micro_batch):
+            b, j = pair_sample[start:start + args.micro_batch], pair_step[start:start + args.micro_batch]  # [m]
+            x, x_next = batch["latents"][b, j].to(device), batch["latents"][b, j + 1].to(device)  # [m, ...]
+            cond = {key: v[b] for key, v in batch["cond"].items()}
+            extra = {key: v[b] for key, v in batch["extra"].items()} if batch["extra"] else None
+            with sampling.autocast(device):
+                out = models.predict(pipe, x, model_t[j], cond, **call, extra=extra)
+            _, log_prob, mean, std = step(out, x, levels[j], levels[j + 1], etas[j], prev_sample=x_next)  # [m]
+            old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
+            loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"])
+            if args.kl_coef:  # deviation (opt-in, as Flow-GRPO): the step under the frozen initial policy, same std
+                with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), sampling.autocast(device):
+                    ref = models.predict(pipe, x, model_t[j], cond, **call, extra=extra)
+                ref_mean = step(ref, x, levels[j], levels[j + 1], etas[j], prev_sample=x_next)[2]
+                kl = (grpo.kl_penalty(mean, ref_mean, std, levels[j], levels[j + 1]) if s.kind == "flow"  # [m]
+                      else grpo.gaussian_kl(mean, ref_mean, std)).mean()
+                loss, total_kl = loss + args.kl_coef * kl, total_kl + kl.item() * len(b) / len(pair_sample)
+            loss = loss * len(b) / len(pair_sample)
+            loss.backward()
+            total_loss += loss.item()
+            ratios.append(torch.exp(log_prob.detach() - old_log_prob))
+            bar.update(len(b))
     return total_loss, torch.cat(ratios), total_kl
 
 
-def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
+def policy_update(pipe, policy, batch, args, device):
     """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
 
     batch: latents [N, T+1, ...], log_probs [N, T], advantages [K, N] (one row per reward) with
-    weights [K], steps [N, k] (selected), cond (batch-first dict), schedule, model_t, kind, extra.
+    weights [K], steps [N, k] (selected), cond and extra (batch-first dicts), the rollout's schedule.
     One optimizer step per `grad_accum` samples (as the official code), over all their k selected
-    timesteps. A step whose gradient is not finite is skipped. `ema`, a list of tensors like
-    `params`, is moved toward the new weights once, after the iteration's last step (as the
+    timesteps. A step whose gradient is not finite is skipped. The EMA, where kept, is moved toward
+    the new weights once, after the iteration's last step (as the
     official FLUX script's EMA). Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
     stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
     all_ratios, all_steps, all_kl = [], [], []  # for the health figures
     num_updates = math.ceil(n / args.grad_accum)
+    net, params, optimizer, ema = policy
     net.train()
     for u in range(num_updates):
         samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
@@ -448,35 +323,27 @@ def policy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
     return {**stats, **health, "kl_to_initial": sum(all_kl) / num_updates if args.kl_coef else None}
 
 
-def update_or_skip(pipe, net, params, optimizer, batch, args, device, ema=None) -> dict:
+def update_or_skip(pipe, policy, batch, args, device) -> dict:
     """policy_update, unless some rank's advantages are not finite (a reward gave NaN/Inf):
     then no rank updates (they must agree, FSDP's collectives run in lockstep)."""
-    if all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
-        return policy_update(pipe, net, params, optimizer, batch, args, device, ema)
+    if sampling.all_ranks(bool(torch.isfinite(batch["advantages"]).all()), device):
+        return policy_update(pipe, policy, batch, args, device)
     return dict(loss=float("nan"), clip_fraction=0.0, grad_norm=float("nan"), first_ratio_error=None, skipped_updates=1,
                 kl_to_initial=None, **grpo.update_health(torch.ones(0), torch.zeros(0, dtype=torch.long), args.num_steps, 1.0))
 
 
 # ----------------------------------------------------------------------------- 6. log and save
 
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a [N, ...] tensor over ranks (rank order)."""
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def metrics_row(iteration, scores, specs, stats, t0, world, group_size, **extra) -> dict:
+def metrics_row(iteration, scores, specs, stats, t0, args, **extra) -> dict:
     """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), groups without
     spread, the update's statistics and health figures (rank 0's), throughput."""
-    all_scores = gather(scores.T.contiguous()).T  # [K, N * world]
+    all_scores = sampling.gather(scores.T.contiguous()).T  # [K, N * world]
+    world = dist.get_world_size() if dist.is_initialized() else 1
     total = sum(s.weight * r for s, r in zip(specs, all_scores))
     seconds = time.time() - t0
     return dict(iteration=iteration, reward_mean=total.mean().item(), reward_std=total.std().item(),
                 **{f"reward_{s.name}": r.mean().item() for s, r in zip(specs, all_scores)}, **stats, **extra,
-                groups_without_spread=grpo.groups_without_spread(all_scores, group_size),
+                groups_without_spread=grpo.groups_without_spread(all_scores, args.group_size),
                 samples_per_s=all_scores.shape[1] / seconds, time_s=seconds, world_size=world)
 
 
@@ -486,14 +353,20 @@ def stop_if_stuck(skipped_in_a_row, args):
                          f"rewards or gradients (see {args.output_dir / 'metrics.jsonl'}); the last checkpoint is intact")
 
 
-def log_iteration(args, metrics_row, history, rank):
-    """metrics.jsonl gets every number; the terminal one line. Held-out rows (evaluate.held_out) too."""
+def log_iteration(args, metrics_row, history, rank, run=None):
+    """metrics.jsonl and the logger (--report_to) get every number, the terminal one line; held-out rows too."""
     if rank != 0:
         return
     history.append(metrics_row)
     with open(args.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics_row) + "\n")
-    figures.reward_curve(args.output_dir / "reward_curve.png", history)
+    loggers.log_row(run, metrics_row, metrics_row["iteration"])
+    if warning := rewards.constant_warning(history):  # on the terminal, not only in metrics.jsonl
+        tqdm.write(warning)
+    updates = metrics_row["iteration"] + ("eval_reward_mean" not in metrics_row)  # plots: with the grids and at the end
+    if updates % args.sample_every == 0 or updates >= args.iterations:
+        figures.reward_curve(args.output_dir / "reward_curve.png", history)
+        figures.health(args.output_dir / "health.png", history)
     if "eval_reward_mean" in metrics_row:
         return tqdm.write(f"eval {metrics_row['iteration']:4d} | held-out reward {metrics_row['eval_reward_mean']:.4f}")
     tqdm.write(f"iter {metrics_row['iteration']:4d} | reward {metrics_row['reward_mean']:.4f} +- {metrics_row['reward_std']:.4f}"
@@ -501,61 +374,54 @@ def log_iteration(args, metrics_row, history, rank):
                f" | grad {metrics_row['grad_norm']:.3g} | {metrics_row['samples_per_s']:.2f} samples/s")
 
 
-def load_history(args, start) -> list[dict]:
-    """metrics.jsonl rows before `start` (a resumed run drops rows of iterations it will redo)."""
-    path = args.output_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    rows = [r for r in rows if r["iteration"] < start]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
 # ----------------------------------------------------------------------------- main: Algorithm 1
 
 def main(argv=None):
     """Train; returns the pipeline and its trained network (sharded when run under torchrun)."""
     args = parse_args(argv)
-    prompts = read_prompts(args.prompts)
+    prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
-    resume_from = checkpoint.find(args)
-    rank, world, device = setup_distributed()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "samples").mkdir(exist_ok=True)
+    rank, world, device = sampling.setup_distributed(args)  # every rank's settings checked against rank 0's
+    checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
+    resume_from = checkpoint.find(args)  # verified
 
     # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device, target_digit=args.target_digit)
+        scorers = rewards.build_scorers(specs, device, target_digit=args.target_digit, timeout=args.reward_timeout,
+                                        retries=args.reward_retries)
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     reference = models.frozen_copy(pipe, device) if args.kl_coef and not args.lora_rank else None  # KL to the start
-    net, params, optimizer = prepare_policy(pipe, args, device)
-    ema = [p.detach().clone() for p in params] if args.ema_decay else None
-    schedule, model_t, kind = schedule_for(pipe, args)
-    start = checkpoint.load(resume_from, pipe, net, optimizer, args, ema) if resume_from else 0
-    history = load_history(args, start) if rank == 0 else []
-    fixed = dict(prompts=prompts[:4], noise=models.initial_noise(pipe, 4, args.height, args.width, None, seeded(args.seed, 999)))
+    policy = prepare_policy(pipe, args, device)
+    schedule = sampling.schedule_for(pipe, args)
+    start = checkpoint.load(resume_from, policy, args) if resume_from else 0
+    history = checkpoint.load_history(args, start) if rank == 0 else []
+    run = loggers.start(args, rank, start)  # rank 0 with --report_to: the resolved config once
+    noise = models.initial_noise(pipe, 4, args.height, args.width, None, sampling.seeded(args.seed, 999))
+    fixed = dict(prompts=prompts[:4], noise=noise)  # the sample grids: the same prompts and noise every time
     if rank == 0:
         print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{args.group_size} samples per rank, "
-              f"{args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
+              f"{args.num_steps} steps, {args.sde or 'DDIM'} SDE eta {args.eta}, reward {args.reward}, "
+              f"from iteration {start}")
 
     skipped_in_a_row = 0
-    for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
-        evaluate.held_out(pipe, evaluation, iteration, args, device, history, rank)  # held-out rewards, when due
+    for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
+                          total=args.iterations):
+        if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device):  # when due
+            log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
         groups = group_ids(iteration, rank, world, args.prompts_per_rank)
         group_prompts = prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
-        latents, log_probs, final = rollout_groups(pipe, cond, groups, fixed["noise"].shape[1:], schedule, model_t,
-                                                   kind, args, iteration)
+        plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only
+        latents, log_probs, final = sampling.rollout_groups(pipe, cond, groups, plan, args, iteration)
 
         # 3. reward: decode and score in memory
-        scores = decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
+        scores = sampling.decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
         # 4. advantages per group and per reward (one clipped loss each, summed with weights); timesteps per sample
         advantages = grpo.reward_advantages(scores, args.group_size, args.adv_clip)  # [K, N]
@@ -563,19 +429,23 @@ def main(argv=None):
 
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[s.weight for s in specs],
-                     steps=steps, cond=cond, schedule=schedule, model_t=model_t, kind=kind, extra=None, reference=reference)
-        stats = update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
+                     steps=steps, cond=cond, schedule=plan, extra=None, reference=reference)
+        stats = update_or_skip(pipe, policy, batch, args, device)
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, world, args.group_size), history, rank)
+        log_iteration(args, metrics_row(iteration, scores, specs, stats, t0, args), history, rank, run)
         stop_if_stuck(skipped_in_a_row, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
-            figures.sample_grid(pipe, fixed, schedule, model_t, kind, args, device, iteration, rank)
+            path = args.output_dir / "samples" / f"iter_{iteration + 1:06d}.png"
+            figures.sample_grid(pipe, fixed, schedule, args, device, path if rank == 0 else None)
+            loggers.log_media(run, "samples", [path], iteration + 1)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
-            checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
-    evaluate.held_out(pipe, evaluation, args.iterations, args, device, history, rank)
-    return pipe, net
+            checkpoint.save(pipe, policy, args, iteration + 1, rank)
+    if held_out := evaluate.held_out(pipe, evaluation, args.iterations, args, device):
+        log_iteration(args, held_out, history, rank, run)
+    loggers.finish(run)
+    return pipe, policy.net
 
 
 if __name__ == "__main__":

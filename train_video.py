@@ -28,13 +28,13 @@ import checkpoint
 import evaluate
 import figures
 import grpo
+import loggers
 import models
 import rewards
+import sampling
 import train_image as ti
 
 VIDEO_MODELS = ("hunyuan", "skyreels", "tiny-hunyuan", "tiny-skyreels", "wan", "tiny-wan")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FLUX_FIRST_FRAME = dict(guidance_scale=3.5, num_inference_steps=30, max_sequence_length=512)  # official SkyReels
 
 
 # ----------------------------------------------------------------------------- 0. arguments
@@ -71,87 +71,52 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- SkyReels: the first frame
-
-def first_frame_source(args, prompts, pipe, device):
-    """What SkyReels' first frames come from: {prompt: image [3, H, W]} read from --first_frames (image i, sorted
-    by name, for prompt i, cycled), else the image model: tiny-flux for the tiny preset, FLUX.1-dev from
-    --reference_model_path (as the official script), bf16 on CUDA and there on the GPU only while it runs."""
-    if args.first_frames:
-        from PIL import Image
-        files = sorted(f for f in Path(args.first_frames).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SystemExit(f"error: --first_frames {args.first_frames} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-        images = [pipe.video_processor.preprocess(Image.open(f).convert("RGB"), args.height, args.width)[0] / 2 + 0.5
-                  for f in files]  # the I2V pipeline's resize; [3, H, W] in [0, 1]
-        return {p: images[i % len(images)] for i, p in enumerate(prompts)}
-    tiny, cuda = args.model.startswith("tiny"), device.type == "cuda"
-    flux = models.load_pipeline("tiny-flux" if tiny else "flux", None if tiny else args.reference_model_path,
-                                dtype=torch.bfloat16 if cuda else torch.float32, seed=args.seed)
-    if cuda:  # one part at a time on the GPU (T5 9.5 GB, then the 24 GB transformer), beside the sharded policy
-        flux.enable_model_cpu_offload(device=device)
-    return flux
-
-
-@torch.no_grad()
-def first_frames(source, prompts, keys, args, device) -> torch.Tensor:
-    """One first frame per prompt, images [P, 3, H, W] in [0, 1]; a generated one draws its noise from seeded(*key).
-
-    deviation: the generated image goes to the VAE as it is; the official script saves it as a JPEG and reads it
-    back (8-bit rounding and compression noise), and draws FLUX's noise unseeded."""
-    if isinstance(source, dict):
-        return torch.stack([source[p] for p in prompts]).to(device)
-    return source(list(prompts), height=args.height, width=args.width, output_type="pt", **FLUX_FIRST_FRAME,
-                  generator=[ti.seeded(*k) for k in keys]).images.float().to(device)
-
-
-def image_condition(pipe, images, keys, num_frames, repeat) -> dict:
-    """predict()'s extra input: {"image_latents": [P * repeat, C, f, h, w]}, each first frame VAE-encoded (latent
-    sample from seeded(*key), zeros after frame 0: models.encode_image_condition), shared by its `repeat` samples."""
-    latents = models.encode_image_condition(pipe, images, num_frames, [ti.seeded(*k) for k in keys])["image_latents"]
-    return {"image_latents": latents.repeat_interleave(repeat, dim=0)}
-
-
 # ----------------------------------------------------------------------------- main: Algorithm 1
 
 def main(argv=None):
     """Train; returns the pipeline and its trained network (sharded when run under torchrun)."""
     args = parse_args(argv)
-    prompts, specs = ti.read_prompts(args.prompts), rewards.parse_reward_spec(args.reward)
-    resume_from = checkpoint.find(args)
-    rank, world, device = ti.setup_distributed()
-    (args.output_dir / "samples").mkdir(parents=True, exist_ok=True)
+    prompts = sampling.read_prompts(args.prompts) if args.prompts else ti.DEFAULT_PROMPTS
+    specs = rewards.parse_reward_spec(args.reward)
+    rank, world, device = sampling.setup_distributed(args)  # every rank's settings checked against rank 0's
+    checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
+    resume_from = checkpoint.find(args)  # verified
     i2v, G, H, W, F = models.FAMILY[args.model] == "skyreels", args.group_size, args.height, args.width, args.num_frames
 
     # 1. setup: pipeline, rewards, policy (FSDP2), first-frame source (SkyReels), resume
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device, video_fps=args.fps)
-        source = first_frame_source(args, prompts, pipe, device) if i2v else None
+        scorers = rewards.build_scorers(specs, device, video_fps=args.fps, timeout=args.reward_timeout,
+                                        retries=args.reward_retries)
+        source = sampling.first_frame_source(args, prompts, pipe, device) if i2v else None
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     reference = models.frozen_copy(pipe, device) if args.kl_coef and not args.lora_rank else None  # KL to the start
-    net, params, optimizer = ti.prepare_policy(pipe, args, device)
-    ema = [p.detach().clone() for p in params] if args.ema_decay else None  # --ema_decay (0 = off)
+    policy = ti.prepare_policy(pipe, args, device)
     if device.type == "cuda":
         pipe.vae.enable_tiling()  # decode 53 frames at 480p in tiles
-    schedule, model_t, kind = ti.schedule_for(pipe, args)  # flow sigmas with the model's shift
-    start = checkpoint.load(resume_from, pipe, net, optimizer, args, ema) if resume_from else 0
-    history = ti.load_history(args, start) if rank == 0 else []
-    n_fixed = 2  # sample videos: fixed prompts, noise and first frames
-    fixed = dict(prompts=prompts[:n_fixed], noise=models.initial_noise(pipe, n_fixed, H, W, F, ti.seeded(args.seed, 999)))
+    schedule = sampling.schedule_for(pipe, args)  # flow sigmas with the model's shift
+    start = checkpoint.load(resume_from, policy, args) if resume_from else 0
+    history = checkpoint.load_history(args, start) if rank == 0 else []
+    run = loggers.start(args, rank, start)  # rank 0 with --report_to: the resolved config once
+    n_fixed = min(2, len(prompts))  # sample videos: fixed prompts, noise and first frames
+    noise = models.initial_noise(pipe, n_fixed, H, W, F, sampling.seeded(args.seed, 999))
+    fixed = dict(prompts=prompts[:n_fixed], noise=noise)
     if i2v:
         keys = [(args.seed, 999, i) for i in range(n_fixed)]
-        frames = first_frames(source, fixed["prompts"], [(*k, 3) for k in keys], args, device)
-        fixed["extra"] = image_condition(pipe, frames, [(*k, 4) for k in keys], F, 1)
+        frames = sampling.first_frames(source, fixed["prompts"], [(*k, 3) for k in keys], args, device)
+        fixed["extra"] = sampling.image_condition(pipe, frames, [(*k, 4) for k in keys], F, 1)
     if rank == 0:
         print(f"DanceGRPO {args.model}: {world} rank(s), {args.prompts_per_rank}x{G} samples per rank (train {args.keep}"
-              f" per group), {F}x{H}x{W}, {args.num_steps} steps, eta {args.eta}, reward {args.reward}, from iteration {start}")
+              f" per group), {F}x{H}x{W}, {args.num_steps} steps, {args.sde} SDE eta {args.eta}, reward {args.reward}, "
+              f"from iteration {start}")
 
     skipped = 0  # iterations in a row without an update
-    for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start, total=args.iterations):
-        evaluate.held_out(pipe, evaluation, iteration, args, device, history, rank, source)  # when due
+    for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
+                          total=args.iterations):
+        if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device, source):  # when due
+            ti.log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
         groups = ti.group_ids(iteration, rank, world, args.prompts_per_rank)
@@ -160,13 +125,15 @@ def main(argv=None):
         cond = models.encode_prompts(pipe, batch_prompts, device)
         extra = None
         if i2v:  # one first frame per group: generated from seeded(seed, iteration, g, 3), encoded with (.., 4)
-            frames = first_frames(source, group_prompts, [(args.seed, iteration, g, 3) for g in groups], args, device)
-            extra = image_condition(pipe, frames, [(args.seed, iteration, g, 4) for g in groups], F, G)
-        latents, log_probs, final = ti.rollout_groups(pipe, cond, groups, fixed["noise"].shape[1:], schedule, model_t,
-                                                      kind, args, iteration, extra)  # [N, T+1, C, f, h, w], [N, T]
+            frames = sampling.first_frames(source, group_prompts, [(args.seed, iteration, g, 3) for g in groups], args,
+                                           device)
+            extra = sampling.image_condition(pipe, frames, [(args.seed, iteration, g, 4) for g in groups], F, G)
+        plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only
+        latents, log_probs, final = sampling.rollout_groups(pipe, cond, groups, plan, args, iteration,
+                                                            extra=extra)  # [N, T+1, C, f, h, w], [N, T]
 
         # 3. reward: decode and score in memory, micro_batch videos [m, F, 3, H, W] at a time
-        scores = ti.decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
+        scores = sampling.decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
         # 4. advantages over all G samples of a group (per reward, weighted sum), then best-of-N: the keep/2 highest
         # and keep/2 lowest advantages of each group are trained, with the advantages of the full group (as the
@@ -180,45 +147,43 @@ def main(argv=None):
 
         # 5. policy update on the kept samples' selected timesteps
         batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[:, kept], weights=weights,
-                     steps=steps, cond={k: v[kept] for k, v in cond.items()}, schedule=schedule, model_t=model_t, kind=kind,
+                     steps=steps, cond={k: v[kept] for k, v in cond.items()}, schedule=plan,
                      extra={k: v[kept] for k, v in extra.items()} if extra else None, reference=reference)
-        stats = ti.update_or_skip(pipe, net, params, optimizer, batch, args, device, ema)
+        stats = ti.update_or_skip(pipe, policy, batch, args, device)
         skipped = skipped + 1 if stats["skipped_updates"] else 0
 
         # 6. log and save
-        row = ti.metrics_row(iteration, scores, specs, stats, t0, world, G,
+        row = ti.metrics_row(iteration, scores, specs, stats, t0, args,
                              sampled_samples=len(final) * world, trained_samples=len(kept) * world)
-        ti.log_iteration(args, row, history, rank)
+        ti.log_iteration(args, row, history, rank, run)
         ti.stop_if_stuck(skipped, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:
-            save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank)
+            stem = args.output_dir / "samples" / f"iter_{iteration + 1:06d}"
+            files = save_samples(pipe, fixed, schedule, args, device, stem if rank == 0 else None)
+            loggers.log_media(run, "samples", files, iteration + 1)  # the strip as an image, the videos as videos
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
-            checkpoint.save(pipe, net, optimizer, args, iteration + 1, rank, ema)
-    evaluate.held_out(pipe, evaluation, args.iterations, args, device, history, rank, source)
-    return pipe, net
+            checkpoint.save(pipe, policy, args, iteration + 1, rank)
+    if held_out := evaluate.held_out(pipe, evaluation, args.iterations, args, device, source):
+        ti.log_iteration(args, held_out, history, rank, run)
+    loggers.finish(run)
+    return pipe, policy.net
 
 
-@torch.no_grad()
-def save_samples(pipe, fixed, schedule, model_t, args, device, iteration, rank):
-    """Fixed prompts, noise and first frames sampled deterministically (eta = 0): samples/iter_N_i.gif (or .mp4)
-    per video and samples/iter_N.png, a strip of up to 8 evenly spaced frames per video (one row each)."""
+def save_samples(pipe, fixed, schedule, args, device, stem=None):
+    """Fixed prompts, noise and first frames sampled deterministically (sampling.fixed_samples): <stem>_i.gif (or
+    .mp4) per video and <stem>.png, a strip of up to 8 evenly spaced frames per video (one row each). All ranks
+    call it; the one given a stem (rank 0) writes, and returns the files written (the PNG first)."""
     from diffusers.utils import export_to_gif, export_to_video, make_image_grid
-    cond = models.encode_prompts(pipe, fixed["prompts"], device)
-    _, _, final = ti.sample(pipe, cond, fixed["noise"].to(device), schedule, model_t, "flow", 0.0, args, None,
-                            fixed.get("extra"))
-    with ti.autocast(device):
-        videos = models.decode(pipe, final, args.height, args.width)  # [n, F, 3, H, W]
-    if rank != 0:
-        return
-    stem = args.output_dir / "samples" / f"iter_{iteration + 1:06d}"
+    videos = sampling.fixed_samples(pipe, fixed, schedule, args, device)  # [n, F, 3, H, W]
+    if stem is None:
+        return []
     clips = [figures.to_pil(v) for v in videos]  # n lists of F PIL images
-    for i, clip in enumerate(clips):
-        if args.video_format == "mp4":
-            export_to_video(clip, f"{stem}_{i}.mp4", fps=args.fps)
-        else:
-            export_to_gif(clip, f"{stem}_{i}.gif", fps=args.fps)
+    files = [f"{stem}.png"] + [f"{stem}_{i}.{args.video_format}" for i in range(len(clips))]
+    for clip, path in zip(clips, files[1:]):
+        (export_to_video if args.video_format == "mp4" else export_to_gif)(clip, path, fps=args.fps)
     cols = torch.linspace(0, len(clips[0]) - 1, min(8, len(clips[0]))).round().long().tolist()
-    make_image_grid([clip[c] for clip in clips for c in cols], rows=len(clips), cols=len(cols)).save(f"{stem}.png")
+    make_image_grid([clip[c] for clip in clips for c in cols], rows=len(clips), cols=len(cols)).save(files[0])
+    return files
 
 
 if __name__ == "__main__":

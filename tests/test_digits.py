@@ -5,6 +5,7 @@ import torch
 import digits
 import models
 import rewards
+import sampling
 import sde
 import train_image
 
@@ -36,7 +37,8 @@ def test_tiny_digits_goes_through_the_flux_paths():
     images = digits.to_images(digits.split()[2][:5])  # real digits [5, 3, 8, 8] in [0, 1]
     packed = pipe._pack_latents(images[:, :1] * 2 - 1, 5, 1, H, W)
     torch.testing.assert_close(models.decode(pipe, packed, H, W), images)
-    out = models.predict(pipe, x, torch.tensor([1.0, 0.3]), {k: v[:2] for k, v in cond.items()}, 1.0, H, W)
+    out = models.predict(pipe, x, torch.tensor([1.0, 0.3]), {k: v[:2] for k, v in cond.items()}, guidance_scale=1.0,
+                         height=H, width=W)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     d = models.model_defaults("tiny-digits")
     assert (d["height"], d["num_steps"], d["eta"], d["shift"], d["reward"]) == (8, 10, 0.7, 3.0, "digit")
@@ -49,7 +51,8 @@ def test_eta0_sampling_equals_the_pipelines_own_call():
     cond = models.encode_prompts(pipe, ["", ""], "cpu")
     steps, sigmas = 4, sde.flow_sigmas(4, 3.0)
     with torch.no_grad():
-        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, 1.0, H, W),
+        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, guidance_scale=1.0,
+                                                               height=H, width=W),
                                   x, sigmas, 0.0, "flow", None)
         reference = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
                          latents=x, height=H, width=W, num_inference_steps=steps,
@@ -108,18 +111,18 @@ def test_diversity_separates_real_digits_noise_and_one_image():
 
 def judged_fraction(pipe, args, n=64):
     """The judge's fraction of 3s on n samples from fixed noise, sampled deterministically (eta 0)."""
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    schedule = sampling.schedule_for(pipe, args).with_eta(0.0)
     noise = models.initial_noise(pipe, n, H, W, None, torch.Generator().manual_seed(1234))
     cond = models.encode_prompts(pipe, [""] * n, "cpu")
-    _, _, final = train_image.sample(pipe, cond, noise, schedule, model_t, kind, 0.0, args, None)
+    _, _, final = sampling.sample(pipe, cond, noise, schedule, args, None)
     return rewards.REWARDS["digit_judge"]("cpu")(models.decode(pipe, final, H, W), [""] * n).mean().item()
 
 
 def test_grpo_on_digits_raises_the_judged_fraction_of_threes(tmp_path):
     """A few dozen iterations of the demo move the judged fraction of 3s far above the base model's: a policy loss
     multiplied by 0 (only the KL left) would keep it near the base, a flipped advantage sign would lower it."""
-    argv = ["--model", "tiny-digits", "--reward", "digit", "--kl_coef", "0.1", "--iterations", "30", "--seed", "0",
-            "--output_dir", str(tmp_path)]
+    argv = ["--model", "tiny-digits", "--reward", "digit", "--iterations", "30", "--seed", "0",
+            "--output_dir", str(tmp_path)]  # the default KL, 0.8 (Flow-GRPO's kl_loss scale)
     args = train_image.parse_args(argv)
     base = judged_fraction(models.load_pipeline("tiny-digits"), args)
     pipe, _ = train_image.main(argv)

@@ -97,6 +97,25 @@ def test_the_same_command_gives_the_same_numbers(full_run, tmp_path, capsys):
     assert a["checkpoint-000004"]["weights"] == "ema"  # the EMA by default, where the checkpoint has one
 
 
+def test_saved_samples_are_every_sample_in_prompt_order(full_run, tmp_path):
+    """--save_samples: samples-<policy>.safetensors per policy, [P * S, 3, H, W] in [0, 1]; scored again they give
+    results.json's scores, prompt by prompt and sample by sample."""
+    from safetensors.torch import load_file
+    import rewards
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red door\na green hill\na blue boat\n")
+    evaluate.main(["--checkpoint", str(full_run / "checkpoint-000004"), "--reward", "brightness", "--prompts",
+                   str(prompts), "--samples_per_prompt", "2", "--grid_prompts", "0", "--save_samples",
+                   "--output_dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["policies"]
+    brightness = rewards.REWARDS["brightness"]("cpu")
+    for name in ("base", "checkpoint-000004"):
+        x = load_file(tmp_path / "out" / f"samples-{name}.safetensors")["samples"]
+        assert x.shape == (6, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        expected = torch.tensor(results[name]["scores"]["brightness"]).flatten()  # [P, S] -> [P * S]
+        torch.testing.assert_close(brightness(x, [""] * 6), expected, rtol=0, atol=1e-6)
+
+
 def test_held_out_rows_during_training_are_what_evaluate_py_reports(full_run, tmp_path, capsys):
     rows = [r for r in read_metrics(full_run) if "eval_reward_mean" in r]
     assert [r["iteration"] for r in rows] == [0, 4]  # every 4 iterations (the base first) and at the end
@@ -151,13 +170,29 @@ def test_train_refuses_a_missing_eval_prompt_file(capsys):
 
 
 def test_reward_curve_draws_the_band_the_mean_and_held_out_points(tmp_path):
-    rows = [dict(iteration=i, reward_mean=0.1 * i, reward_std=0.05) for i in range(5)]
-    rows += [dict(iteration=0, eval_reward_mean=0.0), dict(iteration=5, eval_reward_mean=0.5)]
-    figures.reward_curve(tmp_path / "curve.png", rows)
-    colors = {c for _, c in Image.open(tmp_path / "curve.png").convert("RGB").getcolors(1 << 20)}
-    assert {figures.TRAIN, figures.BAND, figures.HELD_OUT} <= colors
-    figures.reward_curve(tmp_path / "none.png", [dict(iteration=0, reward_mean=float("nan"), reward_std=0.0)])
-    assert not (tmp_path / "none.png").exists()  # nothing to plot, nothing written
+    rows = [dict(iteration=i, reward_mean=0.1 * i, reward_std=0.05 * (i + 1)) for i in range(5)]
+    rows[3] = dict(iteration=3, reward_mean=float("nan"), reward_std=0.0)  # a skipped update: left out
+    rows += [dict(iteration=0, eval_reward_mean=0.02), dict(iteration=5, eval_reward_mean=0.5)]
+    fig = figures.reward_curve(tmp_path / "curve.png", rows)
+    assert Image.open(tmp_path / "curve.png").size == (720, 420)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    mean, held = lines["training: reward_mean"], lines["held-out: eval_reward_mean (eta 0)"]
+    assert list(mean.get_xdata()) == [0, 1, 2, 4] and list(mean.get_ydata()) == pytest.approx([0, 0.1, 0.2, 0.4])
+    assert list(held.get_xdata()) == [0, 5] and list(held.get_ydata()) == [0.02, 0.5] and held.get_marker() == "o"
+    band = ax.collections[0].get_paths()[0].vertices  # the polygon mean - std forward, mean + std back
+    for x, m, s in [(0, 0.0, 0.05), (1, 0.1, 0.1), (2, 0.2, 0.15), (4, 0.4, 0.25)]:
+        ys = band[band[:, 0] == x, 1]
+        assert ys.min() == pytest.approx(m - s) and ys.max() == pytest.approx(m + s)
+    assert band[:, 0].min() == 0 and band[:, 0].max() == 4  # no band at the held-out-only iteration 5
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "training: +- 1 std", "training: reward_mean", "held-out: eval_reward_mean (eta 0)"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("iteration", "reward")
+    assert all(t == int(t) for t in ax.get_xticks())  # iterations are whole numbers
+    lo, hi = ax.get_ylim()
+    assert lo <= -0.05 and hi >= 0.65  # every point and the whole band in view
+    none = figures.reward_curve(tmp_path / "none.png", [dict(iteration=0, reward_mean=float("nan"), reward_std=0.0)])
+    assert none is None and not (tmp_path / "none.png").exists()  # nothing to plot, nothing written
 
 
 def test_two_gloo_ranks_split_the_prompts_and_report_what_one_rank_does(tmp_path, capsys):

@@ -24,6 +24,37 @@ def test_constant_group_gives_zero_advantages_not_nan():
     assert torch.all(adv[:3] == 0) and adv[3:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("value", [0.3, 0.1, 1 / 3, 1234.567])
+def test_equal_rewards_not_representable_in_float32_give_exactly_zero(value):
+    """Twelve equal rewards: float32 rounding of their mean gives them a std of ~1e-8 relative, whose z-scores
+    were O(1); they have no spread and get advantage 0 exactly, and groups_without_spread counts them."""
+    spread = torch.linspace(0, 1, 12)
+    rewards = torch.cat([torch.full((12,), value), spread])  # a constant group, then one with spread
+    adv = grpo.group_advantages(rewards, group_size=12)
+    assert torch.equal(adv[:12], torch.zeros(12))
+    assert adv[12:].abs().sum() > 1
+    assert grpo.groups_without_spread(rewards, 12) == 0.5
+    assert torch.equal(grpo.group_advantages(torch.full((12,), value, dtype=torch.float64), 12), torch.zeros(12))
+
+
+def test_a_one_ulp_difference_is_no_spread():
+    rewards = torch.full((12,), 0.3)
+    rewards[5] = torch.nextafter(rewards[5], torch.tensor(1.0))  # one float32 ulp (3e-8) above the rest
+    assert torch.equal(grpo.group_advantages(rewards, 12), torch.zeros(12))
+    assert grpo.groups_without_spread(rewards, 12) == 1.0
+
+
+def test_a_tiny_genuine_spread_keeps_its_z_scores():
+    """A spread of 1e-4 on 0.3 (~3000 float32 ulps, far above the G eps max|r| = 4e-7 rule) is z-scored as usual."""
+    rewards = 0.3 + 1e-4 * torch.arange(12, dtype=torch.float32)
+    r = [float(v) for v in rewards]  # the float32 values, in double precision
+    mean = sum(r) / 12
+    std = math.sqrt(sum((v - mean) ** 2 for v in r) / 11)  # unbiased
+    expected = torch.tensor([(v - mean) / (std + 1e-8) for v in r], dtype=torch.float64)
+    torch.testing.assert_close(grpo.group_advantages(rewards, 12).double(), expected, rtol=1e-4, atol=1e-4)
+    assert grpo.groups_without_spread(rewards, 12) == 0.0
+
+
 def test_advantages_are_clipped():
     rewards = torch.tensor([0.0] * 99 + [1.0])  # the outlier's z-score is ~9.9
     adv = grpo.group_advantages(rewards, group_size=100, clip=5.0)
@@ -110,6 +141,42 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(grpo.gaussian_kl(mean, ref, std), expected, rtol=1e-5, atol=1e-6)
 
 
+def flow_grpo_kl_loss(mean, ref_mean, std_dev_t):
+    """Flow-GRPO's kl_loss written out (yifan123/flow_grpo at ac4c86e, scripts/train_sd3.py:895-896): the squared mean
+    difference averaged over C, H, W (keepdim) over 2 std_dev_t^2, std_dev_t [B, 1, 1, 1] the per-unit-time std
+    sde_step_with_logprob returns; then the batch mean. Returns ([B], scalar)."""
+    per_sample = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)  # [B, 1, 1, 1]
+    return per_sample.flatten(), torch.mean(per_sample)
+
+
+def flow_grpo_std_dev_t(sigma, second_sigma, a=0.7):
+    """sd3_sde_with_logprob.py:47: a sqrt(sigma / (1 - sigma')), sigma' = the schedule's second sigma where sigma = 1."""
+    return a * torch.sqrt(sigma / (1 - torch.where(sigma == 1, second_sigma, sigma)))
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_kl_penalty_is_flow_grpos_kl_loss(per_sample):
+    g = torch.Generator().manual_seed(3)
+    mean, ref = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    # steps of SD3.5's 10-step schedule (1, 0.9601, ..., 0.0089, 0): the first (sigma = 1), a middle one, the last
+    if per_sample:
+        sigma, sigma_next = torch.tensor([1.0, 0.7073, 0.0089]), torch.tensor([0.9601, 0.6022, 0.0])
+    else:
+        sigma, sigma_next = torch.full([3], 0.7073), torch.full([3], 0.6022)
+    std_dev_t = flow_grpo_std_dev_t(sigma, torch.tensor(0.9601)).view(3, 1, 1, 1)
+    step_std = std_dev_t * (sigma - sigma_next).sqrt().view(3, 1, 1, 1)  # :59, what sde.flow_sde_step returns as std
+    expected, expected_loss = flow_grpo_kl_loss(mean, ref, std_dev_t)
+    args = (sigma, sigma_next) if per_sample else (0.7073, 0.6022)
+    kl = grpo.kl_penalty(mean, ref, step_std, *args)
+    assert kl.shape == (3,) and kl.dtype == torch.float32
+    torch.testing.assert_close(kl, expected)
+    torch.testing.assert_close(kl.mean(), expected_loss)  # the loop's beta * kl.mean() is their beta * kl_loss
+    # = (sigma - sigma_next) times the step's true KL, per element averaged
+    true_kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, step_std.expand_as(mean)),
+                                                torch.distributions.Normal(ref, step_std.expand_as(ref)))
+    torch.testing.assert_close(kl, (sigma - sigma_next) * true_kl.mean(dim=(1, 2, 3)))
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: grpo.group_advantages(torch.zeros(6), group_size=4), "multiple of group_size"),
     (lambda: grpo.group_advantages(torch.zeros(6), group_size=1), "group_size must be >= 2"),
@@ -122,6 +189,7 @@ def test_gaussian_kl_matches_torch_distributions():
     (lambda: grpo.best_of_n(torch.zeros(8), group_size=4, keep=3), "keep"),
     (lambda: grpo.best_of_n(torch.zeros(8), group_size=4, keep=6), "keep"),
     (lambda: grpo.multi_reward_advantages(torch.zeros(2, 4), [1.0], 2), "weights"),
+    (lambda: grpo.kl_penalty(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), 0.5, 0.4), "std must be"),
 ])
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):

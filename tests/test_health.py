@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import figures
 import grpo
 import models
 import train_image
@@ -36,6 +37,32 @@ def test_update_health_against_a_hand_computation():
     assert h["clip_fraction_by_step"] == [0.5, None, 0.5, 1.0, None]
     empty = grpo.update_health(torch.ones(0), torch.zeros(0, dtype=torch.long), 3, 1e-4)
     assert empty == dict(approx_kl=None, ratio_by_step=[None] * 3, clip_fraction_by_step=[None] * 3)
+
+
+def test_health_figure_draws_each_figure_by_iteration_and_step(tmp_path):
+    rows = [dict(iteration=0, eval_reward_mean=0.5),  # a held-out row: no health figures, left out
+            dict(iteration=0, ratio_by_step=[0.0, None, 2e-4], clip_fraction_by_step=[0.0, None, 1.0],
+                 groups_without_spread=0.0),
+            dict(iteration=1, ratio_by_step=[1e-4, 3e-4, None], clip_fraction_by_step=[0.5, 0.25, None],
+                 groups_without_spread=0.5)]
+    fig = figures.health(tmp_path / "health.png", rows)
+    assert (tmp_path / "health.png").is_file()
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    for key in ("clip_fraction_by_step", "ratio_by_step"):
+        mesh = panels[key].collections[0]
+        cells = mesh.get_array()  # [step, iteration], masked where a step was not trained
+        expected = [[r[key][t] for r in rows[1:]] for t in range(3)]
+        assert cells.shape == (3, 2)
+        assert cells.mask.tolist() == [[v is None for v in row] for row in expected]
+        flat = [-1 if v is None else v for row in expected for v in row]
+        assert cells.filled(-1).flatten().tolist() == pytest.approx(flat)
+        assert panels[key].get_ylabel() == "sampling step" and mesh.colorbar.ax.get_ylabel()  # a labelled colour scale
+    assert panels["clip_fraction_by_step"].collections[0].get_clim() == (0, 1)  # a fraction: the scale is fixed
+    spread = panels["groups without spread"]
+    line = spread.lines[0]
+    assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [0.0, 0.5]
+    assert spread.get_xlabel() == "iteration" and spread.get_legend().get_texts()[0].get_text().startswith("groups")
+    assert figures.health(tmp_path / "none.png", rows[:1]) is None and not (tmp_path / "none.png").exists()
 
 
 def test_k3_estimates_the_kl_of_two_gaussians():
@@ -78,7 +105,7 @@ def test_the_kl_reference_is_the_initial_policy(lora):
     cond, t = models.encode_prompts(pipe, ["a cat", "a dog"], "cpu"), torch.tensor([0.7, 0.3])
 
     def predict(p):
-        return models.predict(p, x, t, cond, 3.5, 32, 32)
+        return models.predict(p, x, t, cond, guidance_scale=3.5, height=32, width=32)
     moved = predict(pipe)
     with models.reference_policy(pipe, frozen):
         torch.testing.assert_close(predict(pipe), predict(base), rtol=0, atol=0)

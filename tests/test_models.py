@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import models
 import sde
@@ -86,8 +87,9 @@ def test_predict_shape_finite_and_prompt_dependent(tiny):
     name, pipe, cond, extra = tiny
     x = noise(pipe, name, 1).repeat(3, *[1] * (noise(pipe, name, 1).dim() - 1))  # same latents for all prompts
     with torch.no_grad():
-        out = models.predict(pipe, x, timesteps(name, 3), cond, models.model_defaults(name)["guidance_scale"], H, W,
-                             extra)
+        g = models.model_defaults(name)["guidance_scale"]
+        out = models.predict(pipe, x, timesteps(name, 3), cond, guidance_scale=g, height=H, width=W,
+                             extra=extra)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
 
@@ -98,8 +100,8 @@ def test_predict_gradients_flow_and_match_no_grad(tiny):
     net = models.trained_module(pipe)
     net.zero_grad(set_to_none=True)
     with torch.no_grad():
-        ref = models.predict(pipe, x, t, cond, g, H, W, extra)
-    out = models.predict(pipe, x, t, cond, g, H, W, extra)
+        ref = models.predict(pipe, x, t, cond, guidance_scale=g, height=H, width=W, extra=extra)
+    out = models.predict(pipe, x, t, cond, guidance_scale=g, height=H, width=W, extra=extra)
     assert torch.equal(out, ref)  # rollout (no_grad) and training recompute give the same numbers: ratio = 1
     out.square().mean().backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
@@ -126,8 +128,8 @@ def test_save_pretrained_round_trip_through_real_loading_path(tiny, tmp_path):
     assert all(torch.equal(cond[k], cond2[k]) for k in cond)
     x, t, g = noise(pipe, name, 3), timesteps(name, 3), models.model_defaults(name)["guidance_scale"]
     with torch.no_grad():
-        assert torch.equal(models.predict(pipe, x, t, cond, g, H, W, extra),
-                           models.predict(loaded, x, t, cond2, g, H, W, extra))
+        assert torch.equal(models.predict(pipe, x, t, cond, guidance_scale=g, height=H, width=W, extra=extra),
+                           models.predict(loaded, x, t, cond2, guidance_scale=g, height=H, width=W, extra=extra))
 
 
 def test_real_name_without_weights_fails_fast():
@@ -155,7 +157,7 @@ def test_flux_predict_matches_flux_pipeline():
     x = noise(pipe, "tiny-flux", 2)
     out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], latents=x,
                height=H, width=W, num_inference_steps=1, sigmas=[1.0], guidance_scale=3.5, output_type="latent").images
-    v = models.predict(pipe, x, torch.ones(2), cond, 3.5, H, W)
+    v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=3.5, height=H, width=W)
     torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-5, rtol=1e-5)
     packed, _ = pipe.prepare_latents(2, 16, H, W, torch.float32, "cpu", torch.Generator().manual_seed(0))
     assert torch.equal(packed, x)  # the pipeline's own noise draw
@@ -168,7 +170,7 @@ def test_hunyuan_predict_matches_hunyuan_pipeline():
     out = pipe(prompt=PROMPTS[:2], latents=x, height=H, width=W, num_frames=FRAMES, num_inference_steps=1,
                sigmas=[1.0], guidance_scale=6.0, output_type="latent",
                prompt_template=models._hunyuan_template(pipe.tokenizer)).frames
-    v = models.predict(pipe, x, torch.ones(2), cond, 6.0, H, W)
+    v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=6.0, height=H, width=W)
     torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-5, rtol=1e-5)
 
 
@@ -185,10 +187,11 @@ def test_skyreels_predict_matches_pipeline_and_depends_on_image():
                num_frames=FRAMES, num_inference_steps=1, sigmas=[1.0], true_cfg_scale=5.0, guidance_scale=1.0,
                output_type="latent", generator=torch.Generator().manual_seed(4),
                prompt_template=models._hunyuan_template(pipe.tokenizer)).frames
-    v = models.predict(pipe, x, torch.ones(2), cond, 5.0, H, W, extra)
+    v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=5.0, height=H, width=W, extra=extra)
     torch.testing.assert_close(v, _euler_velocity(out, x), atol=1e-4, rtol=1e-4)
     other = models.encode_image_condition(pipe, 1 - image, FRAMES, torch.Generator().manual_seed(4))
-    assert not torch.allclose(v, models.predict(pipe, x, torch.ones(2), cond, 5.0, H, W, other))
+    other_v = models.predict(pipe, x, torch.ones(2), cond, guidance_scale=5.0, height=H, width=W, extra=other)
+    assert not torch.allclose(v, other_v)
 
 
 def _pipeline_call(pipe, name, x, steps, guidance):
@@ -221,8 +224,9 @@ def test_eta0_sampling_equals_the_pipelines_own_call(name):
     x, steps = noise(pipe, name, 2), 4
     sigmas = sde.flow_sigmas(steps, d["shift"])
     with torch.no_grad():
-        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, d["guidance_scale"],
-                                                               H, W), x, sigmas, 0.0, "flow", None)
+        call = dict(guidance_scale=d["guidance_scale"], height=H, width=W)
+        _, _, final = sde.rollout(lambda z, i: models.predict(pipe, z, sigmas[i].expand(2), cond, **call),
+                                  x, sigmas, 0.0, "flow", None)
         reference = _pipeline_call(pipe, name, x, steps, d["guidance_scale"])
     torch.testing.assert_close(final, reference, atol=1e-5, rtol=1e-5)
     assert (final - x).abs().mean() > 0.1  # it did move
@@ -239,8 +243,9 @@ def test_qwenimage_template_prefix_is_dropped_and_padding_is_masked():
     alone = models.encode_prompts(pipe, ["zebra"], "cpu")
     x = noise(pipe, "tiny-qwenimage", 1)
     with torch.no_grad():
-        padded = models.predict(pipe, x, torch.full([1], 0.7), {k: v[:1] for k, v in cond.items()}, 1.0, H, W)
-        single = models.predict(pipe, x, torch.full([1], 0.7), alone, 1.0, H, W)
+        padded = models.predict(pipe, x, torch.full([1], 0.7), {k: v[:1] for k, v in cond.items()}, guidance_scale=1.0,
+                                height=H, width=W)
+        single = models.predict(pipe, x, torch.full([1], 0.7), alone, guidance_scale=1.0, height=H, width=W)
     torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-5)
 
 
@@ -273,15 +278,87 @@ def test_sd_ddim_schedule_matches_ddim_scheduler():
         torch.testing.assert_close(mine, sched.step(eps, timesteps[i], x, eta=0.0).prev_sample)
 
 
+def test_tiny_sd35_scheduler_is_sd35_mediums():
+    """stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json: FlowMatchEulerDiscreteScheduler with
+    num_train_timesteps 1000 and shift 3.0, nothing else set (every other key at the class default)."""
+    hub = FlowMatchEulerDiscreteScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                       "num_train_timesteps": 1000, "shift": 3.0})
+    scheduler = models.load_pipeline("tiny-sd35").scheduler
+    assert type(scheduler) is FlowMatchEulerDiscreteScheduler
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+    assert public(scheduler.config) == public(hub.config)
+
+
+def test_flow_schedule_is_the_sd35_pipelines_own():
+    """models.flow_schedule against the sigmas StableDiffusion3Pipeline.__call__ really samples with (its scheduler after
+    the call, and the timesteps its transformer receives), and against a hand computation from diffusers' formulas."""
+    pipe = models.load_pipeline("tiny-sd35")
+    sigmas = models.flow_schedule(pipe, 10)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0].item()),
+                                                      with_kwargs=True)
+    try:
+        pipe(prompt=PROMPTS[:1], height=H, width=W, num_inference_steps=10, guidance_scale=4.5, output_type="latent",
+             max_sequence_length=models.TINY_TEXT_LEN, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert sigmas.shape == (11,) and sigmas.dtype == torch.float32
+    assert torch.equal(sigmas, pipe.scheduler.sigmas)
+    torch.testing.assert_close(torch.tensor(seen) / 1000, sigmas[:-1])  # predict passes sigma * 1000 the same way
+    shift = lambda t: 3 * t / (1 + 2 * t)  # shift 3
+    t = torch.linspace(1, shift(torch.tensor(1 / 1000, dtype=torch.float64)), 10, dtype=torch.float64)
+    hand = torch.cat([shift(t), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(sigmas.double(), hand, rtol=1e-6, atol=1e-7)
+    assert (sigmas - sde.flow_sigmas(10, 3.0)).abs().max() > 0.2  # not DanceGRPO's schedule: 0.0089 vs 0.25 at step 9
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd"])
+def test_flow_schedule_refuses_resolution_shifted_or_ddim_schedulers(name):
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        models.flow_schedule(models.load_pipeline(name), 10)
+
+
+def _grads(net, scalar):
+    net.zero_grad(set_to_none=True)
+    scalar().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-wan"])
+def test_cfg_training_gradient_flows_as_the_official_code(name):
+    """SD3.5 (Flow-GRPO train_sd3.py:190, noise_pred_uncond.detach()): the gradient of the guided prediction is
+    s times the conditional branch's. Wan (DanceGRPO train_grpo_wan_2_1.py:238-248, no detach): s cond + (1 - s) uncond.
+    Each branch is called here on its own, as predict calls the transformer for it. float64 weights: batched and
+    single float32 calls differ by ~1e-6, more than the effect of predict's float32 guidance arithmetic (~1e-7)."""
+    pipe, s = models.load_pipeline(name, dtype=torch.float64), 4.5
+    cond, net = models.encode_prompts(pipe, PROMPTS[:2], "cpu"), pipe.transformer
+    x, t = noise(pipe, name, 2), torch.tensor([0.9, 0.4])
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))  # any scalar of the output
+    extra = {"pooled_projections": cond["pooled_prompt_embeds"]} if name == "tiny-sd35" else {}
+    neg = {"pooled_projections": cond["negative_pooled_prompt_embeds"]} if name == "tiny-sd35" else {}
+    branch = lambda embeds, kw: net(hidden_states=x.double(), timestep=t * 1000, encoder_hidden_states=embeds, **kw,
+                                    return_dict=False)[0].float()
+    guided = _grads(net, lambda: (models.predict(pipe, x, t, cond, guidance_scale=s, height=H, width=W) * w).sum())
+    text = _grads(net, lambda: (branch(cond["prompt_embeds"], extra) * w).sum())
+    uncond = _grads(net, lambda: (branch(cond["negative_prompt_embeds"], neg) * w).sum())
+    assert len(guided) == len(text) == len(uncond) > 0
+    for g, gt, gu in zip(guided, text, uncond):
+        expected = s * gt if name == "tiny-sd35" else s * gt + (1 - s) * gu
+        # predict's float32 guidance: each parameter's gradient is right to ~1e-7 of its largest element
+        torch.testing.assert_close(g, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
 def test_sd_cfg_equals_two_separate_unet_calls():
     pipe = models.load_pipeline("tiny-sd")
     cond = models.encode_prompts(pipe, PROMPTS, "cpu")
     x, t = noise(pipe, "tiny-sd", 3), torch.tensor([981, 501, 21])
     with torch.no_grad():
-        guided = models.predict(pipe, x, t, cond, 5.0, H, W)
+        guided = models.predict(pipe, x, t, cond, guidance_scale=5.0, height=H, width=W)
         uncond = pipe.unet(x, t, encoder_hidden_states=cond["negative_prompt_embeds"]).sample
         text = pipe.unet(x, t, encoder_hidden_states=cond["prompt_embeds"]).sample
-        plain = models.predict(pipe, x, t, cond, 1.0, H, W)
+        plain = models.predict(pipe, x, t, cond, guidance_scale=1.0, height=H, width=W)
     torch.testing.assert_close(guided, uncond + 5.0 * (text - uncond), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain, text)
 
@@ -295,7 +372,7 @@ def test_bf16_pipeline_returns_float32_prediction(name):
     if name == "tiny-skyreels":
         extra = models.encode_image_condition(pipe, torch.rand(2, 3, H, W), FRAMES)
     x, g = noise(pipe, name, 2), models.model_defaults(name)["guidance_scale"]
-    out = models.predict(pipe, x, timesteps(name, 2), cond, g, H, W, extra)
+    out = models.predict(pipe, x, timesteps(name, 2), cond, guidance_scale=g, height=H, width=W, extra=extra)
     assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all()
     assert torch.isfinite(models.decode(pipe, x, H, W)).all()
 

@@ -164,7 +164,7 @@ def test_print_config_builds_nothing_and_uses_the_cli_names(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(config) <= {a.dest for a in train_image.build_parser()._actions}
+    assert set(config) <= {a.dest for a in train_image.build_parser()._actions} | {"eta_rule"}  # + the SDE's rule
     assert config["model_path"] == str(tmp_path / "none") and not (tmp_path / "none").exists()
 
 
@@ -189,7 +189,7 @@ for mp in (train_image.mixed_precision(torch.bfloat16), MixedPrecisionPolicy(par
     x = models.initial_noise(pipe, 1, 32, 32, 9, torch.Generator().manual_seed(0))
     cond = models.encode_prompts(pipe, ["a cat"], "cpu")
     with torch.autocast("cpu", torch.bfloat16):
-        models.predict(pipe, x, torch.tensor([0.9473]), cond, 6.018, 32, 32)
+        models.predict(pipe, x, torch.tensor([0.9473]), cond, guidance_scale=6.018, height=32, width=32)
     print(str(seen["t"].dtype), seen["t"].item())
 dist.destroy_process_group()
 ''')

@@ -75,6 +75,67 @@ def test_log_prob_is_normal_log_prob_averaged(step):
     torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
 
 
+def sd35_sigmas(num_steps):
+    """SD3.5-Medium's own schedule: its scheduler (FlowMatchEulerDiscreteScheduler, shift 3) as the pipeline sets it."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas  # [T + 1] float32
+
+
+def flow_grpo_step(v, x, sigmas, i, a, noise):
+    """One step of Flow-GRPO's sde_step_with_logprob written out from its formulas (yifan123/flow_grpo at ac4c86e,
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), float32 as there. Returns (prev, log_prob, mean, std_dev_t)."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    dt = s_next - s  # :45, negative
+    s_den = torch.where(s == 1, sigmas[1], s)  # :44, 47: sigma = 1 is replaced in the denominator only
+    std_dev_t = a * torch.sqrt(s / (1 - s_den))  # :47
+    mean = x * (1 + std_dev_t**2 * dt / (2 * s)) + v * dt * (1 + std_dev_t**2 * (1 - s) / (2 * s))  # :50
+    step_std = std_dev_t * torch.sqrt(-dt)
+    prev = mean + step_std * noise  # :59
+    density = -((prev - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - math.log(math.sqrt(2 * math.pi))  # :61-65
+    # :67-68: their reduction is the mean over all but the batch dim, exactly flow_sde_step's (not a sum)
+    return prev, density.mean(dim=tuple(range(1, density.ndim))), mean, std_dev_t
+
+
+@pytest.mark.parametrize("i", range(10))
+def test_flow_grpo_etas_make_flow_sde_step_flow_grpos_step(i):
+    """Every step of SD3.5's 10-step schedule, the first (sigma = 1, replaced) and the last (to 0) included."""
+    sigmas, a = sd35_sigmas(10), 0.7
+    g = torch.Generator().manual_seed(20 + i)
+    v, x = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))  # their randn_tensor on CPU: torch.randn
+    ref_prev, ref_lp, ref_mean, std_dev_t = flow_grpo_step(v, x, sigmas, i, a, noise)
+    eta = sde.flow_grpo_etas(sigmas, a)[i]
+    torch.testing.assert_close(eta, std_dev_t)
+    prev, lp, mean, std = sde.flow_sde_step(v, x, sigmas[i], sigmas[i + 1], eta,
+                                            generator=torch.Generator().manual_seed(99))
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(std.flatten(), (std_dev_t * torch.sqrt(sigmas[i] - sigmas[i + 1])).expand(3))
+    torch.testing.assert_close(prev, ref_prev)
+    torch.testing.assert_close(lp, ref_lp)
+    _, lp_again, _, _ = sde.flow_sde_step(v, x, sigmas[i], sigmas[i + 1], eta, prev_sample=ref_prev)  # training
+    torch.testing.assert_close(lp_again, ref_lp)
+
+
+def test_flow_grpo_etas_by_hand():
+    sigmas = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.0])
+    expected = [0.7 / math.sqrt(1 - 0.9), 0.7 * math.sqrt(0.9 / 0.1), 0.7, 0.7 * math.sqrt(0.2 / 0.8)]
+    torch.testing.assert_close(sde.flow_grpo_etas(sigmas, 0.7), torch.tensor(expected))
+    assert sde.flow_grpo_etas(sigmas, 0.7).dtype == torch.float32
+
+
+def test_per_sample_eta_steps_each_sample_with_its_own():
+    sigmas = sd35_sigmas(10)
+    etas, steps = sde.flow_grpo_etas(sigmas, 0.7), torch.tensor([0, 4, 9])
+    g = torch.Generator().manual_seed(30)
+    v, x, nxt = (torch.randn(3, 16, 4, 4, generator=g) for _ in range(3))
+    _, lp, mean, std = sde.flow_sde_step(v, x, sigmas[steps], sigmas[steps + 1], etas[steps], prev_sample=nxt)
+    for b, j in enumerate(steps):
+        _, lp_b, mean_b, std_b = sde.flow_sde_step(v[b:b + 1], x[b:b + 1], sigmas[j], sigmas[j + 1], float(etas[j]),
+                                                   prev_sample=nxt[b:b + 1])
+        assert torch.equal(lp[b:b + 1], lp_b) and torch.equal(mean[b:b + 1], mean_b) and torch.equal(std[b:b + 1], std_b)
+
+
 def test_flow_eta0_rollout_equals_diffusers_euler():
     sigmas = sde.flow_sigmas(10, shift=3.0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # our sigmas are already shifted
@@ -226,6 +287,8 @@ def test_group_noise_is_shared_within_groups_only():
     (lambda: sde.ddim_sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, 0.4, 1.0), "alpha_bar"),
     (lambda: sde.ddim_sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.4, 0.5, -1.0), "eta"),
     (lambda: sde.flow_sigmas(0, 3.0), "num_steps"),
+    (lambda: sde.flow_grpo_etas(torch.tensor([1.0, 0.5, 0.0]), -0.7), "noise_level"),
+    (lambda: sde.flow_sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, 0.4, torch.tensor([0.3, -0.1])), "eta"),
     (lambda: sde.rollout(None, torch.zeros(1), torch.ones(2), 0.0, kind="ode"), "kind"),
 ])
 def test_bad_input_raises_clear_value_error(call, match):

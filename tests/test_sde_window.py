@@ -5,6 +5,7 @@ import torch
 
 import grpo
 import models
+import sampling
 import sde
 import train_image
 import train_video
@@ -81,14 +82,13 @@ def test_flash_sigmas_keep_the_window_and_shorten_the_tail():
 
 def batch_for(args, pipe, iteration=1):
     """One rollout of two groups of tiny FLUX and its training batch, as train_image.main builds them."""
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    plan = sampling.for_iteration(sampling.schedule_for(pipe, args), iteration, args)
     cond = models.encode_prompts(pipe, ["a cat"] * 2 + ["a dog"] * 2, "cpu")
-    latents, log_probs, final = train_image.rollout_groups(pipe, cond, [0, 1], (64, 64), schedule, model_t, kind,
-                                                           args, iteration)
+    latents, log_probs, final = sampling.rollout_groups(pipe, cond, [0, 1], plan, args, iteration)
     steps = train_image.timesteps_for([0, 1], args, iteration)
     advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5]])  # [K = 1 reward, N]
     return dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[1.0], steps=steps, cond=cond,
-                schedule=schedule, model_t=model_t, kind=kind, extra=None), final
+                schedule=plan, extra=None), final
 
 
 def gradient(pipe, batch, args):

@@ -10,6 +10,7 @@ import torch
 
 import checkpoint
 import models
+import sampling
 import sde
 import train_image
 from conftest import assert_checkpoint_holds, free_port, read_metrics, weights
@@ -63,7 +64,8 @@ def test_lora_trains_only_adapter_weights_and_saves_a_loadable_lora(model, tmp_p
     x = models.initial_noise(fresh, 1, 32, 32, None, torch.Generator().manual_seed(0))
     cond, g = models.encode_prompts(fresh, ["a cat"], "cpu"), models.model_defaults(model)["guidance_scale"]
     t = torch.tensor([0.5])
-    torch.testing.assert_close(models.predict(fresh, x, t, cond, g, 32, 32), models.predict(pipe, x, t, cond, g, 32, 32))
+    call = dict(guidance_scale=g, height=32, width=32)
+    torch.testing.assert_close(models.predict(fresh, x, t, cond, **call), models.predict(pipe, x, t, cond, **call))
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd35", "tiny-qwenimage"])
@@ -125,6 +127,8 @@ def test_real_model_without_weights_fails_fast_with_a_clear_message(tmp_path):
     (["--max_skipped", "0"], "--max_skipped"),
     (["--model", "tiny-qwenimage", "--resolution", "30"], "multiples of 4"),
     (["--model", "sd35", "--resolution", "520"], "multiples of 16"),
+    (["--model", "tiny-qwenimage", "--guidance_scale", "4"], "Qwen-Image trains without CFG"),
+    (["--model", "tiny-sd", "--sde", "flow_grpo"], "DDIM SDE"),
 ])
 def test_bad_arguments_are_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -216,10 +220,10 @@ def test_unreadable_prompt_file_is_refused(tmp_path):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"\xff\xfe\x00 not utf-8 \xff")
     with pytest.raises(SystemExit, match="UTF-8"):
-        train_image.read_prompts(bad)
+        sampling.read_prompts(bad)
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(SystemExit, match="no prompt"):
-        train_image.read_prompts(tmp_path / "empty.txt")
+        sampling.read_prompts(tmp_path / "empty.txt")
 
 
 @pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]])
@@ -233,7 +237,7 @@ def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
     ema_a, ema_b = (checkpoint.read_network(c, args, suffix="_ema") for c in ckpt)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     # one AdamW step an iteration, EMA with decay 0.5 from w0: 0.125 w0 + 0.125 w1 + 0.25 w2 + 0.5 w3
-    initial, _, _ = train_image.prepare_policy(models.load_pipeline("tiny-flux"), args, torch.device("cpu"))
+    initial = train_image.prepare_policy(models.load_pipeline("tiny-flux"), args, torch.device("cpu")).net
     w = [initial.state_dict()] + [checkpoint.read_network(tmp_path / "straight" / f"checkpoint-00000{i}", args)
                                   for i in (1, 2, 3)]
     assert any(not torch.equal(w[3][k], w[0][k]) for k in ema_a)
@@ -251,12 +255,12 @@ def test_ema_is_saved_loadable_and_resumed_exactly(lora, tmp_path):
 def test_rollout_in_chunks_gives_the_same_samples():
     args = train_image.parse_args(["--model", "tiny-sd", "--num_steps", "4"])
     pipe = models.load_pipeline("tiny-sd")
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    schedule = sampling.schedule_for(pipe, args).with_eta(1.0)
     cond = models.encode_prompts(pipe, ["a cat", "a dog", "a fox", "an owl"], "cpu")
     noise = models.initial_noise(pipe, 4, 32, 32, None, torch.Generator().manual_seed(0))
-    whole = train_image.sample(pipe, cond, noise, schedule, model_t, kind, 1.0, args, torch.Generator().manual_seed(1))
+    whole = sampling.sample(pipe, cond, noise, schedule, args, torch.Generator().manual_seed(1))
     args.rollout_batch = 3  # chunks of 3 and 1
-    chunked = train_image.sample(pipe, cond, noise, schedule, model_t, kind, 1.0, args, torch.Generator().manual_seed(1))
+    chunked = sampling.sample(pipe, cond, noise, schedule, args, torch.Generator().manual_seed(1))
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -306,9 +310,9 @@ def test_real_model_name_trains_from_a_local_folder(tmp_path):
 def test_every_group_and_iteration_draws_its_own_noise():
     args = train_image.parse_args(["--model", "tiny-flux", "--group_size", "2", "--num_steps", "4"])
     pipe = models.load_pipeline("tiny-flux")
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    schedule = sampling.schedule_for(pipe, args)
     cond = models.encode_prompts(pipe, ["a cat"] * 4, "cpu")
-    runs = [train_image.rollout_groups(pipe, cond, groups, (64, 64), schedule, model_t, kind, args, it)[0]
+    runs = [sampling.rollout_groups(pipe, cond, groups, schedule, args, it)[0]
             for groups, it in (([0, 1], 0), ([0, 1], 1))]  # latents [4, T+1, 64, 64]
     first = [x[:, 0] for x in runs]
     assert torch.equal(first[0][0], first[0][1]) and not torch.equal(first[0][0], first[0][2])  # shared in a group
@@ -319,11 +323,11 @@ def test_every_group_and_iteration_draws_its_own_noise():
 def test_first_step_shared_by_a_group_gives_the_same_samples():
     args = train_image.parse_args(["--model", "tiny-flux", "--group_size", "3", "--num_steps", "4"])
     pipe = models.load_pipeline("tiny-flux")
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
+    schedule = sampling.schedule_for(pipe, args).with_eta(0.3)
     cond = models.encode_prompts(pipe, ["a cat"] * 3 + ["a dog"] * 3, "cpu")
     noise = sde.group_noise(2, 3, (64, 64), torch.Generator().manual_seed(0))
-    runs = [train_image.sample(pipe, cond, noise, schedule, model_t, kind, 0.3, args,
-                               torch.Generator().manual_seed(1), shared_first=g) for g in (1, 3)]
+    runs = [sampling.sample(pipe, cond, noise, schedule, args, torch.Generator().manual_seed(1), shared_first=g)
+            for g in (1, 3)]
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -383,8 +387,8 @@ import train_image
 marker = {str(tmp_path / "died")!r}
 if not os.path.exists(marker):  # the first attempt only
     log = train_image.log_iteration
-    def log_then_die(args, row, history, rank):
-        log(args, row, history, rank)
+    def log_then_die(args, row, history, rank, run=None):
+        log(args, row, history, rank, run)
         if row["iteration"] == 2:
             open(marker, "w").close()
             os._exit(3)  # killed: no cleanup, no checkpoint-000003

@@ -13,6 +13,7 @@ from PIL import Image
 
 import grpo
 import models
+import sampling
 import train_image
 import train_video
 from conftest import assert_checkpoint_holds, free_port, read_metrics, weights
@@ -48,7 +49,7 @@ def test_smoke_run_writes_metrics_videos_and_checkpoint(model, keep, tmp_path):
 @pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-wan"])
 def test_tiny_preset_learns_to_make_brighter_videos(model, tmp_path):
     """The preset's defaults (tiny-hunyuan: 8 sampled, 4 kept per prompt; tiny-wan: single frames) in a
-    15-iteration run: the reward clearly rises (full 40-iteration runs: README, Measured)."""
+    15-iteration run: the reward clearly rises (full 40-iteration runs: docs/measured.md)."""
     train_video.main(["--model", model, "--reward", "brightness", "--output_dir", str(tmp_path),
                       "--iterations", "15"])
     r = [row["reward_mean"] for row in read_metrics(tmp_path)]
@@ -63,9 +64,9 @@ def test_best_of_n_trains_the_extremes_of_each_group_with_full_group_advantages(
         seen["advantages"], seen["kept"] = advantages.clone(), best_of_n(advantages, group_size, keep)
         return seen["kept"]
 
-    def spy_update(pipe, net, params, optimizer, batch, args, device, ema=None):
+    def spy_update(pipe, policy, batch, args, device):
         seen["batch"] = batch
-        return policy_update(pipe, net, params, optimizer, batch, args, device, ema)
+        return policy_update(pipe, policy, batch, args, device)
     monkeypatch.setattr(grpo, "best_of_n", spy_best_of_n)
     monkeypatch.setattr(train_image, "policy_update", spy_update)
     train_video.main(["--model", "tiny-hunyuan", "--output_dir", str(tmp_path), *FAST, "--iterations", "1",
@@ -87,18 +88,19 @@ def test_the_first_frame_reaches_the_transformer_and_changes_the_video(tmp_path)
     pipe = models.load_pipeline("tiny-skyreels")
     args = train_video.parse_args(["--model", "tiny-skyreels", "--first_frames", str(tmp_path), "--num_steps", "4"])
     prompts = ["a cat", "a dog"]
-    source = train_video.first_frame_source(args, prompts, pipe, torch.device("cpu"))
-    frames = train_video.first_frames(source, ["a cat", "a dog"], [None, None], args, torch.device("cpu"))
+    source = sampling.first_frame_source(args, prompts, pipe, torch.device("cpu"))
+    frames = sampling.first_frames(source, ["a cat", "a dog"], [None, None], args, torch.device("cpu"))
     assert frames.shape == (2, 3, 32, 32) and frames[0].max() < 0.01 and frames[1].min() > 0.99  # resized, in [0, 1]
-    extra = train_video.image_condition(pipe, frames, [(0, 1), (0, 1)], args.num_frames, 1)
+    extra = sampling.image_condition(pipe, frames, [(0, 1), (0, 1)], args.num_frames, 1)
     latents = extra["image_latents"]  # [2, C, f, h, w]: frame 0 the image, zeros after it
     assert latents.shape == (2, 4, 3, 8, 8) and (latents[:, :, 1:] == 0).all() and not torch.equal(latents[0], latents[1])
     noise = models.initial_noise(pipe, 1, 32, 32, args.num_frames, torch.Generator().manual_seed(0)).expand(2, -1, -1, -1, -1)
     cond = models.encode_prompts(pipe, ["a cat", "a cat"], "cpu")
-    v = models.predict(pipe, noise, torch.tensor([0.7, 0.7]), cond, args.guidance_scale, 32, 32, extra)
+    v = models.predict(pipe, noise, torch.tensor([0.7, 0.7]), cond, guidance_scale=args.guidance_scale, height=32,
+                       width=32, extra=extra)
     assert (v[0] - v[1]).abs().max() > 1e-3
-    schedule, model_t, kind = train_image.schedule_for(pipe, args)
-    _, _, final = train_image.sample(pipe, cond, noise, schedule, model_t, kind, 0.0, args, None, extra)
+    schedule = sampling.schedule_for(pipe, args).with_eta(0.0)
+    _, _, final = sampling.sample(pipe, cond, noise, schedule, args, None, extra=extra)
     videos = models.decode(pipe, final, 32, 32)  # [2, 9, 3, 32, 32]
     assert (videos[0] - videos[1]).abs().mean() > 1e-3 and videos[0, 0].mean() < videos[1, 0].mean()
 

@@ -133,3 +133,18 @@ def sample_grid(pipe, fixed, schedule, args, device, path=None):
     images = sampling.fixed_samples(pipe, fixed, schedule, args, device)  # [n, 3, H, W]
     if path is not None:
         make_image_grid(to_pil(images), rows=1, cols=len(fixed["prompts"])).save(path)
+
+
+def policy_rows(path, samples: dict, columns=16, tile=48, gap=4):
+    """One row a policy, the same initial noise down each column: samples {label: images [n, 3, H, W] in [0, 1]}
+    (evaluate.py's samples.png: the base above, the checkpoints below). Tiles of `tile` pixels with `gap` between."""
+    n = min(columns, *(len(x) for x in samples.values()))
+    head = 16
+    img = Image.new("RGB", (n * (tile + gap) + gap, len(samples) * (tile + gap + head) + gap), "white")
+    d = ImageDraw.Draw(img)
+    for i, (label, x) in enumerate(samples.items()):
+        y = gap + i * (tile + gap + head)
+        d.text((gap, y), label, fill="black")
+        for j, im in enumerate(to_pil(x[:n], tile)):
+            img.paste(im.resize((tile, tile), 0), (gap + j * (tile + gap), y + head))
+    img.save(path)

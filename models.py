@@ -779,7 +779,7 @@ _TINY_LORA_LR = 3e-2
 _DIGITS_DEFAULTS = dict(num_steps=10, shift=3.0, sde="dance", eta=0.7, same_noise=True, kl_coef=0.8, guidance_scale=1.0,
                         height=8, width=8, size_multiple=2, group_size=8, prompts_per_rank=4, timestep_fraction=0.6, lr=3e-4, iterations=80, grad_accum=32,
                         micro_batch=160, max_grad_norm=1.0, ema_decay=0.0, checkpoint_every=None, keep_checkpoints=2,
-                        reward="digit")
+                        reward="digit", eval_every=10, eval_reward="digit_judge")  # held-out: the judge's fraction
 
 
 def check_sampler(model, sde, guidance_scale) -> str | None:
@@ -800,7 +800,8 @@ def model_defaults(model, lora=False):
     if model == "tiny-digits":
         return dict(_DIGITS_DEFAULTS, lora_rank=0, **({"lr": 3e-3} if lora else {}))  # LoRA: 10x, as the other tiny
     real = "sd14" if family == "sd" else family  # _DEFAULTS is keyed by the real model's name
-    d = {"sde": None if family == "sd" else "dance", "same_noise": True, "kl_coef": 0.0, **_DEFAULTS[real]}
+    d = {"sde": None if family == "sd" else "dance", "same_noise": True, "kl_coef": 0.0, "eval_every": 0,
+         **_DEFAULTS[real]}
     if lora is None:
         lora = model not in TINY and d.get("lora_rank", 0) > 0
     d["lora_rank"] = d.get("lora_rank", 0) if lora else 0

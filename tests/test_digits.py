@@ -1,5 +1,8 @@
 """The digits demo: the tiny-digits preset through the ordinary FLUX paths, its pretraining, the digit rewards and
 the diversity figure, and GRPO raising the judged fraction of the target digit. CPU, offline."""
+
+import json
+
 import torch
 
 import digits
@@ -128,3 +131,9 @@ def test_grpo_on_digits_raises_the_judged_fraction_of_threes(tmp_path):
     pipe, _ = train_image.main(argv)
     after = judged_fraction(pipe, args)
     assert base < 0.25 and after > 0.6, (base, after)
+    # the held-out rows (every 10 iterations, the judge as their reward) carry the diversity figure, and the
+    # judge's fraction there rises too
+    held = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_" in line]
+    assert [r["iteration"] for r in held] == [0, 10, 20, 30]
+    assert held[-1]["eval_reward_digit_judge"] > held[0]["eval_reward_digit_judge"]
+    assert all(1 <= r["eval_distinct_neighbours"] <= 16 and 0 < r["eval_nn_distance"] < 1 for r in held)

@@ -35,3 +35,24 @@ def assert_checkpoint_holds(checkpoint, net):
     saved = weights(checkpoint)
     for name, p in net.state_dict().items():
         torch.testing.assert_close(saved[name], p, rtol=0, atol=0)
+
+
+def kl_batch(kl_coef):
+    """tiny-flux moved off its start (weights + 0.01 noise), the start kept as the KL reference, and a training batch
+    of one rollout (2 samples, steps 0 and 2, zero advantages): (args, pipe, batch) for accumulate_gradients."""
+    import models
+    import sampling
+    import train_image
+    args = train_image.parse_args(["--model", "tiny-flux", "--num_steps", "4", "--group_size", "2",
+                                   "--kl_coef", str(kl_coef)])
+    pipe = models.load_pipeline("tiny-flux")
+    reference = models.frozen_copy(pipe, torch.device("cpu"))
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    schedule = sampling.schedule_for(pipe, args)
+    cond = models.encode_prompts(pipe, ["a cat"] * 2, "cpu")
+    latents, log_probs, _ = sampling.rollout_groups(pipe, cond, [0], schedule, args, 0)
+    return args, pipe, dict(latents=latents, log_probs=log_probs, advantages=torch.zeros(1, 2), weights=[1.0],
+                            steps=torch.tensor([[0], [2]]), cond=cond, schedule=schedule, extra=None,
+                            reference=reference)

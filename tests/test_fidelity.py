@@ -14,6 +14,7 @@ import models
 import sampling
 import train_image
 import train_video
+from conftest import kl_batch
 
 
 def test_sd35_samples_flow_grpos_sde_on_its_schedulers_own_sigmas():
@@ -54,18 +55,8 @@ def test_the_kl_term_is_flow_grpos_kl_loss_in_the_loop():
     """accumulate_gradients' KL with DanceGRPO's SDE (std per unit time = eta): Flow-GRPO's kl_loss is
     mean((mean - ref_mean)^2) / (2 eta^2); with the same x the means differ by
     -delta (1 + eta^2 (1 - sigma) / (2 sigma)) (v - v_ref), written out here from the step's mean."""
-    args = train_image.parse_args(["--model", "tiny-flux", "--num_steps", "4", "--group_size", "2", "--kl_coef", "1"])
-    pipe = models.load_pipeline("tiny-flux")
-    reference = models.frozen_copy(pipe, torch.device("cpu"))
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    schedule = sampling.schedule_for(pipe, args)
-    cond = models.encode_prompts(pipe, ["a cat"] * 2, "cpu")
-    latents, log_probs, _ = sampling.rollout_groups(pipe, cond, [0], schedule, args, 0)
-    steps = torch.tensor([[0], [2]])
-    batch = dict(latents=latents, log_probs=log_probs, advantages=torch.zeros(1, 2), weights=[1.0], steps=steps,
-                 cond=cond, schedule=schedule, extra=None, reference=reference)
+    args, pipe, batch = kl_batch(kl_coef=1.0)
+    schedule, latents, cond, steps, reference = (batch[k] for k in ("schedule", "latents", "cond", "steps", "reference"))
     _, _, kl = train_image.accumulate_gradients(pipe, batch, torch.arange(2), steps.flatten(), args,
                                                 torch.device("cpu"))
     call = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)

@@ -10,7 +10,7 @@ import models
 import sampling
 import sde
 import train_image
-from conftest import read_metrics
+from conftest import kl_batch, read_metrics
 
 
 def test_the_reward_rises_against_the_same_run_with_its_advantages_negated(tmp_path, monkeypatch):
@@ -44,18 +44,8 @@ def test_resume_auto_starts_from_the_newest_checkpoint(tmp_path, capsys):
 def test_the_kl_term_is_added_to_the_loss_and_its_gradient_pulls_toward_the_reference():
     """With zero advantages the loss is beta * KL, so it is >= 0 and equals beta times the KL the loop reports; one
     gradient step on it brings the policy's step means closer to the reference's (the KL falls)."""
-    args = train_image.parse_args(["--model", "tiny-flux", "--num_steps", "4", "--group_size", "2", "--kl_coef", "0.5"])
-    pipe = models.load_pipeline("tiny-flux")
-    reference = models.frozen_copy(pipe, torch.device("cpu"))
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    schedule = sampling.schedule_for(pipe, args)
-    cond = models.encode_prompts(pipe, ["a cat"] * 2, "cpu")
-    latents, log_probs, _ = sampling.rollout_groups(pipe, cond, [0], schedule, args, 0)
-    steps = torch.tensor([[0], [2]])
-    batch = dict(latents=latents, log_probs=log_probs, advantages=torch.zeros(1, 2), weights=[1.0], steps=steps,
-                 cond=cond, schedule=schedule, extra=None, reference=reference)
+    args, pipe, batch = kl_batch(kl_coef=0.5)
+    steps = batch["steps"]
 
     def kl_and_loss():
         pipe.transformer.zero_grad(set_to_none=True)

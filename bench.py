@@ -311,11 +311,28 @@ class _Reached(Exception):
     pass
 
 
-def train_until(flags, target_gain, folder) -> dict:
-    """Run train_image.main(flags) until the 3-iteration moving average of reward_mean first exceeds iteration
-    0's by target_gain; count network rows through models.predict. Returns the run's figures at that iteration
-    (or at the last one, reached False)."""
-    counts, rows, predict, log = {"forwards": 0, "backwards": 0}, [], models.predict, train_image.log_iteration
+def gain_reached(target_gain):
+    """brightness: the 3-iteration moving average of reward_mean first exceeds iteration 0's by target_gain."""
+    def reached(rows, held):
+        r = [x["reward_mean"] for x in rows]
+        return len(r) >= 3 and sum(r[-3:]) / 3 > r[0] + target_gain
+    return reached
+
+
+def judge_reached(fraction):
+    """digits: a held-out row (eta 0, fixed noise) of the policy after all training so far, past iteration 0, has
+    the judge counting `fraction` of the target."""
+    def reached(rows, held):
+        return bool(rows and held) and held[-1]["iteration"] == len(rows) and held[-1]["eval_reward_mean"] >= fraction
+    return reached
+
+
+def train_until(flags, reached, folder) -> dict:
+    """Run train_image.main(flags) until reached(training rows, held-out rows); count network rows through
+    models.predict (the held-out evaluations' own are not counted: they measure, they do not train). Returns
+    the run's figures at that iteration (or at the last one, reached False)."""
+    counts, rows, held, predict, log = {"forwards": 0, "backwards": 0}, [], [], models.predict, train_image.log_iteration
+    trained = dict(counts)  # the counts at the last training row
 
     def counting_predict(pipe, x, *args, **kwargs):
         counts["forwards"] += x.shape[0]
@@ -324,21 +341,26 @@ def train_until(flags, target_gain, folder) -> dict:
 
     def watch(args, row, history, rank, run=None):
         log(args, row, history, rank, run)
-        rows.append(dict(row, **counts))
-        r = [x["reward_mean"] for x in rows]
-        if len(r) >= 3 and sum(r[-3:]) / 3 > r[0] + target_gain:
+        if "eval_reward_mean" in row:  # a held-out row: its evaluation's forwards are not training's
+            counts.update(trained)
+            held.append(row)
+        else:
+            rows.append(dict(row, **counts))
+            trained.update(counts)
+        if reached(rows, held):
             raise _Reached
     models.predict, train_image.log_iteration = counting_predict, watch
     try:
         train_image.main([*flags, "--output_dir", str(folder), "--sample_every", str(10**9)])
-        reached = False
+        hit = False
     except _Reached:
-        reached = True
+        hit = True
     finally:
         models.predict, train_image.log_iteration = predict, log
-    return dict(reached=reached, iterations=len(rows), wall_s=sum(r["time_s"] for r in rows),
-                forwards=rows[-1]["forwards"], backwards=rows[-1]["backwards"], start_reward=rows[0]["reward_mean"],
-                reward=sum(r["reward_mean"] for r in rows[-3:]) / len(rows[-3:]))
+    return dict(reached=hit, iterations=len(rows), wall_s=sum(r["time_s"] for r in rows),
+                forwards=trained["forwards"], backwards=trained["backwards"], start_reward=rows[0]["reward_mean"],
+                reward=sum(r["reward_mean"] for r in rows[-3:]) / len(rows[-3:]),
+                judge=held[-1]["eval_reward_mean"] if held else None)
 
 
 def time_to_reward(ours, rest) -> dict:
@@ -347,22 +369,27 @@ def time_to_reward(ours, rest) -> dict:
     for item in filter(str.strip, ours.variants.split(";")):
         name, _, flags = item.partition("=")
         settings[name.strip()] = shlex.split(flags)
-    base = ["--model", "tiny-flux", "--reward", "brightness", "--iterations", str(ours.max_iterations), *rest]
+    if ours.task == "digits":  # the judge's fraction of 3s on held-out noise, every 5 iterations
+        base, reached = ["--model", "tiny-digits", "--eval_every", "5"], judge_reached(ours.target_fraction)
+        goal = f"the judge counting {ours.target_fraction:.0%} 3s (held-out, every 5 iterations)"
+    else:
+        base, reached = ["--model", "tiny-flux", "--reward", "brightness"], gain_reached(ours.target_gain)
+        goal = f"+{ours.target_gain} reward (3-iteration moving average)"
+    base += ["--iterations", str(ours.max_iterations), *rest]
     for flags in settings.values():
         train_image.parse_args(base + flags)  # refuse bad flags before any run
     runs = {name: [] for name in settings}
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(ours.seeds):
             for name, flags in settings.items():  # interleaved: a load change on the machine hits every setting
-                runs[name].append(dict(seed=seed, **train_until(base + flags + ["--seed", str(seed)], ours.target_gain,
+                runs[name].append(dict(seed=seed, **train_until(base + flags + ["--seed", str(seed)], reached,
                                                                  Path(folder) / f"{name}-{seed}")))
     per_setting = {name: dict(flags=" ".join(settings[name]), reached_seeds=sum(r["reached"] for r in rs),
                           **{f"median_{k}": statistics.median(r[k] for r in rs)
                              for k in ("wall_s", "iterations", "forwards", "backwards")}, runs=rs)
                for name, rs in runs.items()}
     paper = per_setting["paper"]["median_wall_s"]
-    print(f"\ntime to +{ours.target_gain} reward (3-iteration moving average), {ours.seeds} seeds, tiny-flux, "
-          f"{torch.get_num_threads()} thread(s); medians")
+    print(f"\ntime to {goal}, {ours.seeds} seeds, {base[1]}, {torch.get_num_threads()} thread(s); medians")
     print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
           f"{'speedup':>8}")
     for name, f in per_setting.items():
@@ -373,7 +400,8 @@ def time_to_reward(ours, rest) -> dict:
     result = dict(time_to_reward_speedup=paper / per_setting[variants[0]]["median_wall_s"] if variants else 1.0,
                   **{f"time_to_reward_speedup_{n}": paper / per_setting[n]["median_wall_s"] for n in variants},
                   **{f"reached_{n}": f["reached_seeds"] == ours.seeds for n, f in per_setting.items()},
-                  seeds=ours.seeds, target_gain=ours.target_gain, max_iterations=ours.max_iterations,
+                  seeds=ours.seeds, task=ours.task, target_gain=ours.target_gain,
+                  target_fraction=ours.target_fraction, max_iterations=ours.max_iterations,
                   threads=torch.get_num_threads(), device="cpu", settings=per_setting)
     print(json.dumps(result))
     return result
@@ -394,6 +422,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="--time_to_reward: seeds per setting")
     p.add_argument("--target_gain", type=float, default=0.1, help="--time_to_reward: reward gain to reach")
     p.add_argument("--max_iterations", type=int, default=60, help="--time_to_reward: give up after this many")
+    p.add_argument("--task", choices=("brightness", "digits"), default="brightness", help="--time_to_reward: tiny "
+                   "FLUX to +target_gain brightness, or tiny-digits until the judge counts --target_fraction 3s")
+    p.add_argument("--target_fraction", type=float, default=0.9, help="--time_to_reward --task digits: the goal")
     ours, rest = p.parse_known_args(argv)
     device = torch.device(ours.device)
     cuda = device.type == "cuda"

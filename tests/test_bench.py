@@ -88,3 +88,15 @@ def test_time_to_reward_prints_a_well_formed_json_line(capsys):
     for name, f in result["settings"].items():
         assert [r["seed"] for r in f["runs"]] == [0, 1] and f["median_iterations"] == 3 and f["median_wall_s"] > 0
         assert (f["median_forwards"], f["median_backwards"]) == counts[name], name
+
+
+def test_time_to_reward_on_digits_stops_at_the_judge_and_counts_training_alone(capsys):
+    """--task digits: the goal is a held-out row's judge fraction (here 0: the first held-out row after training,
+    at iteration 5); the held-out evaluations' forwards are not counted. tiny-digits: 4 groups of 8, 10 steps: a
+    rollout is 32 x 10 forwards less 28 (each group's shared first step), and 32 samples train int(9 x 0.6) = 5
+    steps each, a forward and a backward, plus the KL's forward of the initial policy."""
+    result = bench.main(["--time_to_reward", "--task", "digits", "--seeds", "1", "--max_iterations", "5",
+                         "--target_fraction", "0", "--variants", ""])
+    run = result["settings"]["paper"]["runs"][0]
+    assert result["task"] == "digits" and run["reached"] and run["iterations"] == 5 and run["judge"] >= 0
+    assert (run["forwards"], run["backwards"]) == (5 * (320 - 28 + 2 * 160), 5 * 160)  # held-out's 2 x 160 left out

@@ -24,6 +24,7 @@ import checkpoint
 import evaluate
 import figures
 import grpo
+import memory
 import models
 import rewards
 import sampling
@@ -86,6 +87,8 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
+    p.add_argument("--check_memory", action="store_true", help="first simulate this run's GPU memory (memory.py); stop "
+                   "if it exceeds the GPU's, naming the largest --micro_batch that fits")
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
     return p
 
@@ -179,7 +182,7 @@ def prepare_policy(pipe, args, device) -> Policy:
     and compute runs in bf16 (autocast; under FSDP2 the gathered weights are bf16), activation
     checkpointing. Frozen parts (text encoders, VAE) are stored in bf16 there.
     """
-    net, cuda = models.trained_module(pipe), device.type == "cuda"
+    net, cuda = models.trained_module(pipe), device.type in ("cuda", "meta")  # meta: bench.py --memory's CUDA run
     if cuda:
         for part in pipe.components.values():
             if isinstance(part, torch.nn.Module) and part is not net:
@@ -373,6 +376,8 @@ def main(argv=None):
     prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
     resume_from = checkpoint.find(args)
+    if args.check_memory:  # before any weight and before the process group (the simulation makes a fake one)
+        memory.check(args, prepare_policy)
     rank, world, device = sampling.setup_distributed()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "samples").mkdir(exist_ok=True)

@@ -384,12 +384,15 @@ def time_to_reward(ours, rest) -> dict:
 
 def simulated_memory(ours, rest) -> dict:
     """memory.estimate for the run train_image.py (train_video.py for a video model) would make of these flags, with
-    its own prepare_policy; prints the itemised figures and the JSON line."""
+    its own prepare_policy; prints the itemised figures and the JSON line. With --check_memory (what the train
+    scripts run in a child process): memory.check's one line instead, exit status 1 when the run does not fit."""
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--model", default="flux")
     model = peek.parse_known_args(rest)[0].model
     parse = train_video.parse_args if model in train_video.VIDEO_MODELS else train_image.parse_args
     args = parse(["--model", model, *rest])
+    if args.check_memory:  # the train scripts' --check_memory: one line, exit status 1 if it does not fit
+        return memory.check(args, train_image.prepare_policy, ours.nproc, ours.gpu_memory_gb)
     result = memory.estimate(args, ours.nproc, train_image.prepare_policy, ours.gpu_memory_gb)
     memory.report(result)
     return result

@@ -36,7 +36,10 @@ import contextlib
 import copy
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -351,24 +354,37 @@ def _with(args, **changes):
     return new
 
 
-def check(args, prepare_policy, world=None, capacity_gib=None):
-    """--check_memory: simulate the run before any weight is loaded; stop with one line when it needs more than the
-    GPU has (capacity_gib; default: this process's GPU as torch reports it), naming the largest --micro_batch that
-    fits. world: default $WORLD_SIZE. Returns estimate's result when it fits (None without a GPU: nothing to check)."""
-    world = world or int(os.environ.get("WORLD_SIZE", 1))
-    if capacity_gib is None:
-        if not torch.cuda.is_available():
-            print("--check_memory: no GPU here, nothing to check")
-            return None
-        capacity_gib = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / GiB
+def check(args, prepare_policy, world, capacity_gib):
+    """Simulate the run on `world` ranks; stop with one line when it needs more than `capacity_gib` a GPU, naming the
+    largest --micro_batch that fits. Returns estimate's result when it fits (bench.py --memory --check_memory)."""
     r = estimate(args, world, prepare_policy, capacity_gib)
     line = (f"{args.model} on {world} rank(s) at --micro_batch {args.micro_batch} needs {r['total_gib']:.1f} GiB a GPU "
             f"(simulated: train {r['train_peak_gib']:.1f}, rollout {r['rollout_peak_gib']:.1f}, frozen "
             f"{r['frozen_gib']:.1f}); this GPU has {capacity_gib:.1f}")
     if r["fits"]:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"--check_memory: {line}: it fits")
+        print(f"--check_memory: {line}: it fits")
         return r
     k = largest_micro_batch(args, world, prepare_policy, capacity_gib, r)
     raise SystemExit(f"error: --check_memory: {line}; " + (f"the largest --micro_batch that fits is {k}" if k else
                      "not even --micro_batch 1 fits (lower --rollout_batch, LoRA or more ranks)"))
+
+
+def check_in_child(args, argv=None):
+    """--check_memory in a train script, before any weight and before the process group: `bench.py --memory
+    --check_memory` with the script's flags, in a child process that sees no GPU (the simulation on fake CPU tensors,
+    as tested here, taking no CUDA context), against this rank's GPU ($WORLD_SIZE ranks). A run that does not fit
+    stops here with the child's line; every rank checks on its own, with the same answer."""
+    if not torch.cuda.is_available():
+        return print("--check_memory: no GPU here, nothing to check")
+    capacity = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / GiB
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable, str(Path(__file__).with_name("bench.py")), "--memory", "--model", args.model,
+               *(sys.argv[1:] if argv is None else argv), "--nproc", os.environ.get("WORLD_SIZE", "1"),
+               "--gpu_memory_gb", str(capacity)]
+    done = subprocess.run(command, env=env | {"CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    last = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"the simulation exited with {done.returncode}"]
+    if done.returncode:
+        raise SystemExit(last[0])
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(last[0])

@@ -376,8 +376,8 @@ def main(argv=None):
     prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
     resume_from = checkpoint.find(args)
-    if args.check_memory:  # before any weight and before the process group (the simulation makes a fake one)
-        memory.check(args, prepare_policy)
+    if args.check_memory:  # before any weight and the process group: bench.py --memory in a child process
+        memory.check_in_child(args, argv)
     rank, world, device = sampling.setup_distributed()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "samples").mkdir(exist_ok=True)

@@ -79,8 +79,8 @@ def main(argv=None):
     prompts = sampling.read_prompts(args.prompts) if args.prompts else ti.DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
     resume_from = checkpoint.find(args)
-    if args.check_memory:  # before any weight and before the process group (the simulation makes a fake one)
-        memory.check(args, ti.prepare_policy)
+    if args.check_memory:  # before any weight and the process group: bench.py --memory in a child process
+        memory.check_in_child(args, argv)
     rank, world, device = sampling.setup_distributed()
     (args.output_dir / "samples").mkdir(parents=True, exist_ok=True)
     i2v, G, H, W, F = models.FAMILY[args.model] == "skyreels", args.group_size, args.height, args.width, args.num_frames

@@ -51,14 +51,16 @@ def test_lora_trains_in_less_memory_than_a_full_fine_tune(runs):
     assert runs["mb1_lora"]["trained_params"] < runs["mb1"]["trained_params"] / 10
 
 
-def test_check_memory_stops_a_run_that_does_not_fit_and_names_the_largest_micro_batch(runs):
-    """A GPU between the totals at micro-batch 1 and 4: the line names 1, 2 or 3 (linear between the two)."""
+def test_check_memory_stops_a_run_that_does_not_fit_and_names_the_largest_micro_batch(runs, capsys):
+    """bench.py --memory --check_memory (what the train scripts' --check_memory runs in a child process) against a
+    GPU between the totals at micro-batch 1 and 4: the line names 1, 2 or 3 (linear between the two)."""
     between = (runs["mb1"]["total_gib"] + runs["mb4"]["total_gib"]) / 2
     with pytest.raises(SystemExit) as stop:
-        memory.check(train_image.parse_args([*TINY, "--micro_batch", "4"]), train_image.prepare_policy, world=2,
-                     capacity_gib=between)
+        bench.main(["--memory", "--check_memory", *TINY, "--micro_batch", "4", "--nproc", "2",
+                    "--gpu_memory_gb", str(between)])
     assert str(stop.value).startswith("error: --check_memory: tiny-flux on 2 rank(s) at --micro_batch 4 needs")
     assert 1 <= int(str(stop.value).rsplit(" ", 1)[-1]) < 4
     with pytest.raises(SystemExit, match="not even --micro_batch 1 fits"):
-        memory.check(train_image.parse_args([*TINY, "--micro_batch", "1"]), train_image.prepare_policy, world=2,
-                     capacity_gib=runs["mb1"]["total_gib"] / 2)
+        memory.check(train_image.parse_args([*TINY, "--micro_batch", "1"]), train_image.prepare_policy, 2,
+                     runs["mb1"]["total_gib"] / 2)
+    assert memory.check_in_child(None) is None and "no GPU here" in capsys.readouterr().out  # this machine has none

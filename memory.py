@@ -3,6 +3,7 @@
   python bench.py --memory --model flux --nproc 8                    # FLUX.1-dev full fine-tune on 8 x 80 GB
   python bench.py --memory --model flux --lora_rank 128 --nproc 8    # its LoRA script
   python bench.py --memory --model wan --num_frames 81 --height 480 --width 832 --micro_batch 1 --rollout_batch 2
+  CUDA_VISIBLE_DEVICES= python bench.py --memory ...                # on a GPU machine: the simulation is CPU-only
 
 The network is the real one: the diffusers class of --model with the hub checkpoint's config (TRANSFORMERS; the
 tiny presets: their own config), built on the meta device. The train script's own prepare_policy (passed in, so
@@ -28,8 +29,10 @@ of every tensor one rank holds, op by op (TorchTitan's memory estimator works th
 
 Not seen (docs/memory.md has the bias of each): the attention kernels are the fake device's (CPU's SDPA here, not
 CUDA's flash or cuDNN kernels), the caching allocator's fragmentation and reserve, NCCL's buffers, the CUDA context,
-the VAE decode and the reward models' activations, SkyReels' FLUX.1-dev (offloaded, on the GPU while it draws the
-first frames).
+FSDP2's prefetch of the next block on CUDA, the VAE decode and the reward models' activations, SkyReels' FLUX.1-dev
+(offloaded, on the GPU while it draws the first frames).
+
+train_image.py / train_video.py --check_memory: check_in_child, the same before any weight is loaded, one line.
 """
 
 import contextlib
@@ -194,6 +197,9 @@ def fake_world(world):
         yield
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
+    if torch.cuda.is_available():  # FSDP2 would shard onto the GPU (its default mesh follows the accelerator)
+        raise SystemExit("error: the memory simulation runs on fake CPU tensors: hide the GPUs (CUDA_VISIBLE_DEVICES= "
+                         "python bench.py --memory ...); the train scripts' --check_memory does")
     if dist.is_initialized():
         raise RuntimeError("the memory simulation needs its own (fake) process group; run it before init_process_group")
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
@@ -245,7 +251,7 @@ def simulate(args, world, prepare_policy) -> dict:
 def track_steps(pipe, policy, args, shape) -> dict:
     """{"rollout": peak, "train": peak} of one rank, the policy's tensors made fake (call inside the FakeTensorMode)."""
     net, params, optimizer, _ = policy
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # FSDP2's default mesh's
+    device = torch.device("cpu")  # FSDP2's default mesh's where no GPU is visible (fake_world refuses otherwise)
     names = {id(p): name for name, p in net.named_parameters()}
     net.to_empty(device=device)  # every tensor fake; FSDP2's shards keep their identity, a plain module's do not:
     now = dict(net.named_parameters())

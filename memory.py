@@ -42,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -219,6 +220,10 @@ def tracker(net, optimizer, inputs):
     else:
         mt = MemTracker()
         mt.track_external(net, optimizer, *[t for t in torch.utils._pytree.tree_leaves(inputs) if torch.is_tensor(t)])
+        no_hook = types.SimpleNamespace(remove=lambda: None)
+        for p in net.parameters():  # MemTracker hooks every parameter's gradient; a frozen one (LoRA's base) refuses
+            if not p.requires_grad:
+                mt._param_to_grad_hook_handles[p] = (no_hook, no_hook)
     return mt
 
 
@@ -343,8 +348,10 @@ def report(result):
 # ----------------------------------------------------------------------------- the train scripts' --check_memory
 
 def largest_micro_batch(args, world, prepare_policy, capacity_gib, result) -> int:
-    """The largest --micro_batch whose simulated total fits `capacity_gib`, from two simulations (at `result`'s
-    micro-batch and at 1): the train peak grows linearly in the micro-batch (activations). 0: not even 1 fits."""
+    """The largest --micro_batch below `result`'s (which does not fit) whose simulated total fits `capacity_gib`, from
+    two simulations, at `result`'s micro-batch and at 1: the train peak is the larger of AdamW's step (constant) and
+    the backward (linear in the micro-batch), so the line through the two lies on or above it in between: a safe
+    answer. 0: not even 1 fits."""
     one = result if args.micro_batch == 1 else estimate(_with(args, micro_batch=1), world, prepare_policy)
     if one["total_gib"] > capacity_gib:
         return 0

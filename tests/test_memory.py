@@ -17,14 +17,15 @@ TINY = ["--model", "tiny-flux", "--resolution", "16", "--prompts_per_rank", "1",
 
 @pytest.fixture(scope="module")
 def runs():
-    """Simulated runs of the tiny preset in five settings, each once; the first through bench.py's CLI (its stdout)."""
+    """Simulated runs of the tiny preset in six settings, each once; the first through bench.py's CLI (its stdout)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         first = bench.main(["--memory", *TINY, "--micro_batch", "1", "--nproc", "2", "--gpu_memory_gb", "1"])
     results = {name: memory.estimate(train_image.parse_args([*TINY, *flags]), world, train_image.prepare_policy)
                for name, flags, world in [("mb4", ["--micro_batch", "4"], 2), ("mb1_4ranks", ["--micro_batch", "1"], 4),
                                           ("mb1_lora", ["--micro_batch", "1", "--lora_rank", "2"], 2),
-                                          ("mb1_1rank", ["--micro_batch", "1"], 1)]}
+                                          ("mb1_1rank", ["--micro_batch", "1"], 1),
+                                          ("mb1_lora_1rank", ["--micro_batch", "1", "--lora_rank", "2"], 1)]}
     return dict(results, mb1=first, stdout=out.getvalue())
 
 
@@ -49,6 +50,7 @@ def test_the_train_peak_grows_with_the_micro_batch_and_shrinks_with_more_ranks(r
 def test_lora_trains_in_less_memory_than_a_full_fine_tune(runs):
     assert runs["mb1_lora"]["train_peak_gib"] < runs["mb1"]["train_peak_gib"]
     assert runs["mb1_lora"]["trained_params"] < runs["mb1"]["trained_params"] / 10
+    assert runs["mb1_lora_1rank"]["train_peak_gib"] < runs["mb1_1rank"]["train_peak_gib"]  # one process, no FSDP2
 
 
 def test_check_memory_stops_a_run_that_does_not_fit_and_names_the_largest_micro_batch(runs, capsys):

@@ -60,7 +60,8 @@ GiB = 2**30
 TRANSFORMERS = {
     # black-forest-labs/FLUX.1-dev transformer/config.json: 11.9 B
     "flux": dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56)),
     # CompVis/stable-diffusion-v1-4 unet/config.json (the UNet2DConditionModel defaults but these two): 0.86 B
     "sd14": dict(sample_size=64, cross_attention_dim=768),
     # stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: dual attention in blocks 0-12): 2.24 B
@@ -71,7 +72,8 @@ TRANSFORMERS = {
                  qk_norm="rms_norm"),
     # Qwen/Qwen-Image transformer/config.json: 20.4 B
     "qwenimage": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                      num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+                      num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                      axes_dims_rope=(16, 56, 56)),
     # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json: 1.42 B
     "wan": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -141,7 +143,8 @@ def network(model):
 
 def inputs(pipe, args, batch, shape):
     """models.predict's inputs for `batch` samples of latent `shape` (call inside the FakeTensorMode): latents in the
-    step layout, timesteps [B], the text conditioning as encode_prompts gives it (bf16 on CUDA), SkyReels' first frame."""
+    step layout, timesteps [B], the text conditioning as encode_prompts gives it (bf16 on CUDA), SkyReels' first
+    frame."""
     family, c, tiny = models.FAMILY[args.model], models.trained_module(pipe).config, args.model in models.TINY
     text = (lambda n: min(n, models.TINY_TEXT_LEN)) if tiny else (lambda n: n)
     x = torch.randn(batch, *shape)
@@ -151,7 +154,8 @@ def inputs(pipe, args, batch, shape):
         cond = {"prompt_embeds": torch.randn(batch, text(models.FLUX_TEXT_LEN), c.joint_attention_dim, **bf16),
                 "pooled_prompt_embeds": torch.randn(batch, c.pooled_projection_dim, **bf16)}
     elif family == "sd":
-        cond = {k: torch.randn(batch, 77, c.cross_attention_dim, **bf16) for k in ("prompt_embeds", "negative_prompt_embeds")}
+        cond = {k: torch.randn(batch, 77, c.cross_attention_dim, **bf16)
+                for k in ("prompt_embeds", "negative_prompt_embeds")}
     elif family == "sd35":
         cond = {k: torch.randn(batch, 77 + text(models.SD35_TEXT_LEN), c.joint_attention_dim, **bf16)
                 for k in ("prompt_embeds", "negative_prompt_embeds")}
@@ -295,18 +299,20 @@ def track_steps(pipe, policy, args, shape) -> dict:
     return dict(rollout=rollout, train=peak(mt))
 
 
-def frozen_parts(args, pipe_frozen, trained_params) -> list:
-    """[(name, GiB)]: the pipeline's frozen parts, one line per reward backbone, the KL reference of a full fine-tune."""
+def frozen_parts(args, pipe_frozen, network_params) -> list:
+    """[(name, GiB)]: the pipeline's frozen parts, one line per reward backbone, a full fine-tune's KL reference."""
     parts = [(name, b / GiB) for name, b in pipe_frozen]
     backbones = {REWARD_MODELS[s.name] for s in rewards.parse_reward_spec(args.reward) if s.name in REWARD_MODELS}
     parts += [(f"reward: {name}", n * size / GiB) for name, n, size in sorted(backbones)]
     if args.kl_coef and not args.lora_rank:  # models.frozen_copy: the initial policy, bf16, whole on every rank
-        parts.append(("KL reference (frozen copy of the network, bf16)", trained_params * 2 / GiB))
+        parts.append(("KL reference (frozen copy of the network, bf16)", network_params * 2 / GiB))
     return parts
 
 
 def estimate(args, world, prepare_policy, gpu_memory_gb=80.0) -> dict:
-    """The whole picture for one run: simulated peaks, frozen parts, total and verdict (the JSON line's fields)."""
+    """The whole picture for one run: simulated peaks, frozen parts, total and verdict (the JSON line's fields).
+    frozen_gib counts everything held beside the two simulated phases: the frozen parts, the EMA (ema_gib) and the
+    rollout's buffers (rollout_buffers_gib)."""
     start = time.time()
     sim = simulate(args, world, prepare_policy)
     net_params = sim["network_params"]
@@ -320,7 +326,8 @@ def estimate(args, world, prepare_policy, gpu_memory_gb=80.0) -> dict:
                 rollout_batch=args.rollout_batch or args.prompts_per_rank * args.group_size, height=args.height,
                 width=args.width, num_frames=getattr(args, "num_frames", None), kl_coef=args.kl_coef,
                 network_params=net_params, trained_params=sim["trained_params"], train_peak_gib=train,
-                rollout_peak_gib=rollout, frozen_gib=frozen_gib, total_gib=total, gpu_memory_gb=gpu_memory_gb,
+                rollout_peak_gib=rollout, frozen_gib=frozen_gib, ema_gib=sim["ema"], rollout_buffers_gib=sim["buffers"],
+                total_gib=total, gpu_memory_gb=gpu_memory_gb,
                 fits=total <= gpu_memory_gb, train=sim["train"], rollout=sim["rollout"], frozen=dict(frozen),
                 seconds=time.time() - start)
 
@@ -329,9 +336,10 @@ def report(result):
     """Print the itemised figures, then the JSON line last."""
     r = result
     size = f"{r['num_frames']} x " if r["num_frames"] else ""
-    print(f"memory: {r['model']} ({r['network_params'] / 1e9:.3g} B parameters, {r['trained_params'] / 1e9:.3g} B trained"
-          f"{', LoRA rank %d' % r['lora_rank'] if r['lora_rank'] else ', full fine-tune'}), {r['world_size']} rank(s), "
-          f"{size}{r['height']} x {r['width']}, micro-batch {r['micro_batch']}, rollout batch {r['rollout_batch']}; "
+    kind = f"LoRA rank {r['lora_rank']}" if r["lora_rank"] else "full fine-tune"
+    print(f"memory: {r['model']} ({r['network_params'] / 1e9:.3g} B parameters, {r['trained_params'] / 1e9:.3g} B "
+          f"trained, {kind}), {r['world_size']} rank(s), {size}{r['height']} x {r['width']}, micro-batch "
+          f"{r['micro_batch']}, rollout batch {r['rollout_batch']}; "
           f"GiB per rank, simulated in {r['seconds']:.0f} s")
     for phase in ("train", "rollout"):
         items = ", ".join(f"{k} {v:.2f}" for k, v in r[phase].items() if k != "Total" and v >= 0.005)

@@ -60,15 +60,16 @@ from PIL import Image
 
 import figures
 import grpo
+import memory
 import models
 import rewards
 import sampling
 import sde
 import train_image
+import train_video
 from sampling import autocast, seeded
 
-FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_DEV = memory.TRANSFORMERS["flux"]  # black-forest-labs/FLUX.1-dev transformer/config.json
 
 
 # ----------------------------------------------------------------------------- FLOPs, peak, timing
@@ -407,6 +408,24 @@ def time_to_reward(ours, rest) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- simulated memory (issue 22)
+
+def simulated_memory(ours, rest) -> dict:
+    """memory.estimate for the run train_image.py (train_video.py for a video model) would make of these flags, with
+    its own prepare_policy; prints the itemised figures and the JSON line. With --check_memory (what the train
+    scripts run in a child process): memory.check's one line instead, exit status 1 when the run does not fit."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default="flux")
+    model = peek.parse_known_args(rest)[0].model
+    parse = train_video.parse_args if model in train_video.VIDEO_MODELS else train_image.parse_args
+    args = parse(["--model", model, *rest])
+    if args.check_memory:  # the train scripts' --check_memory: one line, exit status 1 if it does not fit
+        return memory.check(args, train_image.prepare_policy, ours.nproc, ours.gpu_memory_gb)
+    result = memory.estimate(args, ours.nproc, train_image.prepare_policy, ours.gpu_memory_gb)
+    memory.report(result)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="other arguments: see train_image.py")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -425,10 +444,18 @@ def main(argv=None):
     p.add_argument("--task", choices=("brightness", "digits"), default="brightness", help="--time_to_reward: tiny "
                    "FLUX to +target_gain brightness, or tiny-digits until the judge counts --target_fraction 3s")
     p.add_argument("--target_fraction", type=float, default=0.9, help="--time_to_reward --task digits: the goal")
+    p.add_argument("--memory", action="store_true", help="simulated GPU memory per rank of the train script's run at "
+                   "full size, no GPU and no weights (memory.py)")
+    p.add_argument("--nproc", type=int, default=8, help="--memory: ranks (GPUs) of the run (default: %(default)s)")
+    p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="--memory: GiB of one GPU (default: %(default)s)")
     ours, rest = p.parse_known_args(argv)
     device = torch.device(ours.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(ours.threads or (torch.get_num_threads() if cuda else 1))
+    if ours.memory:
+        if ours.nproc < 1 or ours.gpu_memory_gb <= 0:
+            p.error("--memory needs --nproc >= 1 and --gpu_memory_gb > 0")
+        return simulated_memory(ours, rest)
     if ours.time_to_reward:
         if cuda or ours.seeds < 1 or ours.max_iterations < 3 or ours.target_gain <= 0:
             p.error("--time_to_reward runs on the CPU, with --seeds >= 1, --max_iterations >= 3, --target_gain > 0")

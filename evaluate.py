@@ -231,8 +231,7 @@ def for_training(args, specs, scorers, device) -> dict | None:
         return None
     if args.eval_reward:
         specs = rewards.parse_reward_spec(args.eval_reward)
-        scorers = rewards.build_scorers(specs, device, video_fps=getattr(args, "fps", None), timeout=args.reward_timeout,
-                                        retries=args.reward_retries, target_digit=args.target_digit)
+        scorers = rewards.build_scorers(specs, device, video_fps=getattr(args, "fps", None), **rewards.settings(args))
     prompts = sampling.read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT_PROMPTS
     return dict(prompts=prompts, specs=specs, scorers=scorers)
 

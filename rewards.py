@@ -711,6 +711,18 @@ def build_scorers(specs, device, video_fps=None, *, target_digit=3, timeout=None
     return [base[s.name] if s.threshold is None else binary(base[s.name], s.threshold) for s in specs]
 
 
+def add_args(parser):
+    """The train scripts' reward flags."""
+    parser.add_argument("--target_digit", type=int, default=3, choices=range(10), help="the digit the digit rewards ask for")
+    parser.add_argument("--reward_timeout", type=float, default=600.0, help="seconds a reward call may take, else the run stops")
+    parser.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
+
+
+def settings(args) -> dict:
+    """build_scorers' keyword settings from the train scripts' flags (add_args)."""
+    return dict(target_digit=args.target_digit, timeout=args.reward_timeout, retries=args.reward_retries)
+
+
 def guarded(name, fn, timeout=None, retries=0):
     """Scorer `fn` with a deadline and retries. Each call runs in a daemon thread that the caller waits for at most
     `timeout` seconds (a hung reward model cannot be interrupted, but the run need not wait for it, nor for it at

@@ -25,6 +25,7 @@ import evaluate
 import figures
 import grpo
 import loggers
+import memory
 import models
 import rewards
 import sampling
@@ -79,17 +80,16 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--kl_coef", type=float, help="KL toward the initial policy, Flow-GRPO's beta (0 = off; sd35: 0.01)")
     p.add_argument("--lora_alpha", type=float, help="default: 256 for FLUX (official LoRA script), else 2 * lora_rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target_digit", type=int, default=3, choices=range(10), help="the digit the digit rewards ask for")
     p.add_argument("--checkpoint_every", type=int, help="iterations between checkpoints (default: the official script's; "
                                                         "tiny: at the end)")
     p.add_argument("--keep_checkpoints", type=int, help="newest checkpoints kept on disk (0 = all; default 2, video 3)")
     p.add_argument("--sample_every", type=int, help="iterations between sample grids")
-    p.add_argument("--reward_timeout", type=float, default=600.0, help="seconds a reward call may take, else the run stops")
-    p.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
     p.add_argument("--max_skipped", type=int, default=3,
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
+    rewards.add_args(p)  # --target_digit, --reward_timeout, --reward_retries
+    memory.add_args(p)  # --check_memory
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
     loggers.add_args(p)  # --report_to none|tensorboard|wandb, --run_name
     return p
@@ -182,7 +182,7 @@ def prepare_policy(pipe, args, device) -> Policy:
     and compute runs in bf16 (autocast; under FSDP2 the gathered weights are bf16), activation
     checkpointing. Frozen parts (text encoders, VAE) are stored in bf16 there.
     """
-    net, cuda = models.trained_module(pipe), device.type == "cuda"
+    net, cuda = models.trained_module(pipe), device.type in ("cuda", "meta")  # meta: bench.py --memory's CUDA run
     if cuda:
         for part in pipe.components.values():
             if isinstance(part, torch.nn.Module) and part is not net:
@@ -381,6 +381,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = sampling.read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
+    memory.check_in_child(args, argv)  # --check_memory: before any weight and the process group, in a child process
     rank, world, device = sampling.setup_distributed(args)  # every rank's settings checked against rank 0's
     checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
     resume_from = checkpoint.find(args)  # verified
@@ -388,8 +389,7 @@ def main(argv=None):
     # 1. setup: the pipeline (real or tiny), the reward models, the policy and its optimizer
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device, target_digit=args.target_digit, timeout=args.reward_timeout,
-                                        retries=args.reward_retries)
+        scorers = rewards.build_scorers(specs, device, **rewards.settings(args))
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")

@@ -29,6 +29,7 @@ import evaluate
 import figures
 import grpo
 import loggers
+import memory
 import models
 import rewards
 import sampling
@@ -78,6 +79,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = sampling.read_prompts(args.prompts) if args.prompts else ti.DEFAULT_PROMPTS
     specs = rewards.parse_reward_spec(args.reward)
+    memory.check_in_child(args, argv)  # --check_memory: before any weight and the process group, in a child process
     rank, world, device = sampling.setup_distributed(args)  # every rank's settings checked against rank 0's
     checkpoint.claim(args)  # --output_dir checked and locked for this run, before any model is built
     resume_from = checkpoint.find(args)  # verified
@@ -86,8 +88,7 @@ def main(argv=None):
     # 1. setup: pipeline, rewards, policy (FSDP2), first-frame source (SkyReels), resume
     try:
         pipe = models.load_pipeline(args.model, args.model_path, seed=args.seed)
-        scorers = rewards.build_scorers(specs, device, video_fps=args.fps, timeout=args.reward_timeout,
-                                        retries=args.reward_retries)
+        scorers = rewards.build_scorers(specs, device, video_fps=args.fps, **rewards.settings(args))
         source = sampling.first_frame_source(args, prompts, pipe, device) if i2v else None
         evaluation = evaluate.for_training(args, specs, scorers, device)  # None without --eval_every
     except (ValueError, OSError, RuntimeError) as e:

@@ -713,9 +713,12 @@ def build_scorers(specs, device, video_fps=None, *, target_digit=3, timeout=None
 
 def add_args(parser):
     """The train scripts' reward flags."""
-    parser.add_argument("--target_digit", type=int, default=3, choices=range(10), help="the digit the digit rewards ask for")
-    parser.add_argument("--reward_timeout", type=float, default=600.0, help="seconds a reward call may take, else the run stops")
-    parser.add_argument("--reward_retries", type=int, default=2, help="retries of a reward call that raised, then the run stops")
+    parser.add_argument("--target_digit", type=int, default=3, choices=range(10),
+                        help="the digit the digit rewards ask for")
+    parser.add_argument("--reward_timeout", type=float, default=600.0,
+                        help="seconds a reward call may take, else the run stops")
+    parser.add_argument("--reward_retries", type=int, default=2,
+                        help="retries of a reward call that raised, then the run stops")
 
 
 def settings(args) -> dict:

@@ -78,11 +78,9 @@ def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     if window is None:
         return schedule
-    levels, model_t, _ = sde.window_plan(schedule.levels, schedule.model_t, args.eta, window, args.shift,
-                                         args.ode_steps_after)
-    etas = torch.tensor([float(schedule.etas[i]) if i in window else 0.0 for i in range(len(model_t))],
-                        dtype=torch.float64)  # the schedule's eta inside the window (DanceGRPO's or Flow-GRPO's)
-    return Schedule(levels, model_t, schedule.kind, etas)
+    levels, model_t, etas = sde.window_plan(schedule.levels, schedule.model_t, schedule.etas, window, args.shift,
+                                            args.ode_steps_after)  # the schedule's etas inside the window
+    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- rollouts

@@ -231,11 +231,13 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), final
 
 
-def window_etas(num_steps: int, eta: float, window) -> list[float]:
+def window_etas(num_steps: int, eta, window) -> list[float]:
     """MixGRPO's mixed sampling (Li et al. 2025, arXiv 2507.21802): the steps in `window` (a range
     of step indices) are SDE steps with noise scale eta, the others ODE steps (eta 0). Only the
-    window's steps are random, so only they are policy steps with a log-prob to train."""
-    return [eta if i in window else 0.0 for i in range(num_steps)]
+    window's steps are random, so only they are policy steps with a log-prob to train. eta: a float, or
+    one per step of the full schedule (flow_grpo_etas: Flow-GRPO's SDE inside the window)."""
+    per_step = isinstance(eta, (list, tuple, torch.Tensor))
+    return [float(eta[i] if per_step else eta) if i in window else 0.0 for i in range(num_steps)]
 
 
 def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=0):

@@ -147,3 +147,10 @@ def test_bad_window_arguments_are_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         train_image.parse_args(["--num_steps", "8", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_window_etas_take_one_eta_or_one_per_step():
+    """A float fills the window; per-step etas (Flow-GRPO's) keep their own value at each window step."""
+    assert sde.window_etas(5, 0.3, range(1, 3)) == [0.0, 0.3, 0.3, 0.0, 0.0]
+    per_step = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5], dtype=torch.float64)
+    assert sde.window_etas(5, per_step, range(1, 3)) == [0.0, 0.8, 0.7, 0.0, 0.0]

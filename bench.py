@@ -168,7 +168,7 @@ def project_update(pipe, batch, args, device):
 
 def advantages_and_steps(scores, specs, groups, args):
     adv = grpo.reward_advantages(scores.cpu(), args.group_size, args.adv_clip)  # [K, N]
-    return scores, adv, train_image.timesteps_for(groups, args, 0)
+    return scores, adv, sampling.timesteps_for(groups, args, 0)
 
 
 # ----------------------------------------------------------------------------- (b) the official structure
@@ -470,8 +470,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if cuda else torch.float32
 
     # setup, shared by both structures: pipeline, policy, text conditioning, reward
-    groups = train_image.group_ids(0, 0, 1, args.prompts_per_rank)
-    prompts = [q for q in train_image.prompts_for(0, 0, 1, args.prompts_per_rank, train_image.DEFAULT_PROMPTS,
+    groups = sampling.group_ids(0, 0, 1, args.prompts_per_rank)
+    prompts = [q for q in sampling.prompts_for(0, 0, 1, args.prompts_per_rank, train_image.DEFAULT_PROMPTS,
                                                   args.seed) for _ in range(args.group_size)]  # [N]
     specs = rewards.parse_reward_spec(args.reward)
     if args.model == "flux":  # the real architecture with random weights and text embeddings, no reward model

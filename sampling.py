@@ -2,8 +2,10 @@
 
   Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step
   schedule_for      the run's schedule for its model (flow sigmas with the shift, or SD's DDIM alpha-bars)
+  add_args, check_args   the flags of MixGRPO's window and Flash's tail
   for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter tail), else as is
   sample            one batched rollout through the pipeline's network (guided as models.predict guides)
+  group_ids, prompts_for, timesteps_for   which prompt groups a rank rolls out, their prompts, trained steps
   rollout_groups    all prompt groups of a rank as one batch, each group's noise seeded by its index (Alg. 1, line 4)
   latent_shape      one sample's latent shape in the step layout
   fixed_samples     the same prompts from the same noise, deterministically: the pictures of a run
@@ -72,6 +74,22 @@ def schedule_for(pipe, args) -> Schedule:
     return Schedule(sigmas, sigmas[:-1], "flow", etas)  # the flow network's timestep is sigma
 
 
+def add_args(parser):
+    """The train scripts' flags for what a rollout steps along (MixGRPO's window and Flash's tail)."""
+    parser.add_argument("--sde_window", type=int, default=0, help="MixGRPO: SDE, trained, only in a sliding window")
+    parser.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
+    parser.add_argument("--ode_steps_after", type=int, default=0,
+                        help="MixGRPO-Flash: ODE steps after the window (0 = all)")
+
+
+def check_args(args) -> str | None:
+    """One line naming a bad add_args flag, or None."""
+    if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
+            args.ode_steps_after and not (args.sde_window and args.shift)):
+        return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
+    return None
+
+
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
     """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, ODE steps outside; with --ode_steps_after
     (Flash) fewer ODE steps after the window. Without --sde_window: the schedule as it is."""
@@ -129,6 +147,28 @@ def rollout_groups(pipe, cond, groups, schedule: Schedule, args, iteration, *, e
     step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
     return sample(pipe, cond, noise, schedule, args, step_noise, extra=extra,
                   shared_first=args.group_size if args.same_noise else 1)
+
+
+def group_ids(iteration, rank, world, per_rank) -> list[int]:
+    """Global indices of the prompt groups a rank rolls out in an iteration. Every seed of a group
+    is keyed by its index, so a run draws the same samples whatever the number of ranks."""
+    return [(iteration * world + rank) * per_rank + p for p in range(per_rank)]
+
+
+def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
+    """The prompts a rank rolls out: a fresh permutation of the prompt list every epoch."""
+    out = []
+    for index in group_ids(iteration, rank, world, per_rank):
+        epoch, position = divmod(index, len(prompts))
+        out.append(prompts[torch.randperm(len(prompts), generator=seeded(seed, epoch))[position]])
+    return out
+
+
+def timesteps_for(groups, args, iteration) -> torch.Tensor:
+    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's."""
+    window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
+    return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
+                                            seeded(args.seed, iteration, g, 2), window) for g in groups])
 
 
 def latent_shape(pipe, args) -> torch.Size:

@@ -61,9 +61,6 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help="SD3 time shift of the flow schedule")
     p.add_argument("--guidance_scale", type=float, help="embedded guidance (FLUX) or CFG scale (SD)")
     p.add_argument("--timestep_fraction", type=float, help="fraction of the T-1 trainable steps each sample trains")
-    p.add_argument("--sde_window", type=int, default=0, help="MixGRPO: SDE, trained, only in a sliding window")
-    p.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
-    p.add_argument("--ode_steps_after", type=int, default=0, help="MixGRPO-Flash: ODE steps after the window (0 = all)")
     p.add_argument("--clip_range", type=float, default=1e-4)
     p.add_argument("--adv_clip", type=float, default=5.0)
     p.add_argument("--lr", type=float)
@@ -88,6 +85,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
+    sampling.add_args(p)  # --sde_window, --sde_window_shift, --ode_steps_after (MixGRPO)
     rewards.add_args(p)  # --target_digit, --reward_timeout, --reward_retries
     memory.add_args(p)  # --check_memory
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
@@ -134,9 +132,8 @@ def check_args(args) -> str | None:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
     if problem := models.check_sampler(args.model, args.sde, args.guidance_scale):
         return problem
-    if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
-            args.ode_steps_after and not (args.sde_window and args.shift)):
-        return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
+    if problem := sampling.check_args(args):
+        return problem
     for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "rollout_batch", "height", "width",
                  "max_skipped", "checkpoint_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -217,30 +214,6 @@ def mixed_precision(dtype=None):
     from torch.distributed.fsdp import MixedPrecisionPolicy
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None,
                                 cast_forward_inputs=False)
-
-
-# ----------------------------------------------------------------------------- 2. rollout and 4. timesteps
-
-def group_ids(iteration, rank, world, per_rank) -> list[int]:
-    """Global indices of the prompt groups a rank rolls out in an iteration. Every seed of a group
-    is keyed by its index, so a run draws the same samples whatever the number of ranks."""
-    return [(iteration * world + rank) * per_rank + p for p in range(per_rank)]
-
-
-def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
-    """The prompts a rank rolls out: a fresh permutation of the prompt list every epoch."""
-    out = []
-    for index in group_ids(iteration, rank, world, per_rank):
-        epoch, position = divmod(index, len(prompts))
-        out.append(prompts[torch.randperm(len(prompts), generator=sampling.seeded(seed, epoch))[position]])
-    return out
-
-
-def timesteps_for(groups, args, iteration) -> torch.Tensor:
-    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's."""
-    window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
-    return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
-                                            sampling.seeded(args.seed, iteration, g, 2), window) for g in groups])
 
 
 # ----------------------------------------------------------------------------- 5. policy update
@@ -413,8 +386,8 @@ def main(argv=None):
             log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
-        groups = group_ids(iteration, rank, world, args.prompts_per_rank)
-        group_prompts = prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
+        groups = sampling.group_ids(iteration, rank, world, args.prompts_per_rank)
+        group_prompts = sampling.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
         plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only
@@ -425,7 +398,7 @@ def main(argv=None):
 
         # 4. advantages per group and per reward (one clipped loss each, summed with weights); timesteps per sample
         advantages = grpo.reward_advantages(scores, args.group_size, args.adv_clip)  # [K, N]
-        steps = timesteps_for(groups, args, iteration)  # [N, k]
+        steps = sampling.timesteps_for(groups, args, iteration)  # [N, k]
 
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[s.weight for s in specs],

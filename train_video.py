@@ -120,8 +120,8 @@ def main(argv=None):
             ti.log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
-        groups = ti.group_ids(iteration, rank, world, args.prompts_per_rank)
-        group_prompts = ti.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
+        groups = sampling.group_ids(iteration, rank, world, args.prompts_per_rank)
+        group_prompts = sampling.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(G)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
         extra = None
@@ -144,7 +144,7 @@ def main(argv=None):
         advantages, weights = grpo.reward_advantages(scores, G, args.adv_clip), [s.weight for s in specs]  # [K, N]
         ranked = grpo.multi_reward_advantages(scores, weights, G, args.adv_clip)  # [N], the official total_scores
         kept = grpo.best_of_n(ranked, G, args.keep) if args.keep < G else torch.arange(len(ranked))  # [P*keep]
-        steps = ti.timesteps_for(groups, args, iteration)[kept]  # [P*keep, k], drawn for all N: rank-layout invariant
+        steps = sampling.timesteps_for(groups, args, iteration)[kept]  # [P*keep, k], drawn for all N: rank-layout invariant
 
         # 5. policy update on the kept samples' selected timesteps
         batch = dict(latents=latents[kept], log_probs=log_probs[kept], advantages=advantages[:, kept], weights=weights,

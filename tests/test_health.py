@@ -9,6 +9,7 @@ import torch
 import figures
 import grpo
 import models
+import sampling
 import train_image
 from conftest import read_metrics
 
@@ -117,7 +118,7 @@ def test_metrics_rows_carry_the_health_figures(tmp_path):
     train_image.main(["--model", "tiny-flux", "--output_dir", str(tmp_path), *FAST, "--grad_accum", "2"])
     row = read_metrics(tmp_path)[0]
     args = train_image.parse_args(["--model", "tiny-flux", *FAST])
-    trained = set(train_image.timesteps_for(train_image.group_ids(0, 0, 1, 2), args, 0).flatten().tolist())
+    trained = set(sampling.timesteps_for(sampling.group_ids(0, 0, 1, 2), args, 0).flatten().tolist())
     assert len(row["ratio_by_step"]) == len(row["clip_fraction_by_step"]) == 4
     assert {i for i, v in enumerate(row["ratio_by_step"]) if v is not None} == trained  # null where not trained
     assert {i for i, v in enumerate(row["clip_fraction_by_step"]) if v is not None} == trained and 3 not in trained

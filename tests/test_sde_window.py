@@ -85,7 +85,7 @@ def batch_for(args, pipe, iteration=1):
     plan = sampling.for_iteration(sampling.schedule_for(pipe, args), iteration, args)
     cond = models.encode_prompts(pipe, ["a cat"] * 2 + ["a dog"] * 2, "cpu")
     latents, log_probs, final = sampling.rollout_groups(pipe, cond, [0, 1], plan, args, iteration)
-    steps = train_image.timesteps_for([0, 1], args, iteration)
+    steps = sampling.timesteps_for([0, 1], args, iteration)
     advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5]])  # [K = 1 reward, N]
     return dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[1.0], steps=steps, cond=cond,
                 schedule=plan, extra=None), final

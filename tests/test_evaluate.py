@@ -143,6 +143,7 @@ def test_eval_reward_can_differ_from_the_training_reward(tmp_path):
     (["--checkpoint", "/no/such/checkpoint"], "not a complete checkpoint"),
     (["--model", "tiny-flux", "--samples_per_prompt", "0"], "--samples_per_prompt"),
     (["--model", "tiny-flux", "--reward", "nonsense"], "--reward"),
+    (["--model", "tiny-flux", "--reward_timeout", "0"], "--reward_timeout must be > 0"),
     ([], "--model is needed"),
 ])
 def test_bad_arguments_are_refused_in_one_line(flags, message, capsys):

@@ -170,3 +170,117 @@ def test_width_pruning_keeps_the_best_and_worst_of_the_deepest_trained_layer_per
     wide = grpo.tree_pairs(4, {0, 1, 2}, [0, 1, 2], 2, 1)  # 8 leaves: keep 4 of step 2's 8, the best 2 and worst 2
     adv8 = grpo.tree_advantages(torch.tensor([5.0, 1, 7, 3, 8, 2, 6, 4]), 4, [0, 1, 2], 2)
     assert grpo.prune_width(wide, adv8, 8, 0.5)[:, 2].nonzero().flatten().tolist() == [1, 2, 4, 5]  # 8, 7 and 1, 2
+
+
+# ----------------------------------------------------------------------------- sampling and the train script
+
+import copy  # noqa: E402  (the tests below need the pipelines)
+
+import models  # noqa: E402
+import sampling  # noqa: E402
+import train_image  # noqa: E402
+from conftest import read_metrics  # noqa: E402
+
+TINY = ["--model", "tiny-flux", "--num_steps", "4"]
+
+
+@pytest.mark.parametrize("rollout_batch", [None, 3])
+def test_rollout_groups_one_split_into_g_is_the_chain_rollout_bit_for_bit(rollout_batch):
+    """Same seeds (root noise from seeded(seed, iteration, g), SDE noise from (.., g, 1)), same network batches:
+    a tree splitting G ways at step 0 with eta at every step is the chain rollout (shared_first=G) of today."""
+    chain_args = train_image.parse_args([*TINY, "--group_size", "4"])
+    chain_args.rollout_batch = rollout_batch
+    tree_args = copy.copy(chain_args)
+    tree_args.branch_steps, tree_args.branch_factor = (0,), 4
+    pipe = models.load_pipeline("tiny-flux")
+    schedule = sampling.schedule_for(pipe, chain_args)  # eta at every step
+    cond = models.encode_prompts(pipe, ["a cat"] * 4 + ["a dog"] * 4, "cpu")
+    chain = sampling.rollout_groups(pipe, cond, [0, 5], schedule, chain_args, 3)
+    tree = sampling.rollout_groups(pipe, cond, [0, 5], schedule, tree_args, 3)
+    for a, b in zip(chain, tree):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_for_iteration_puts_the_sde_at_branch_and_window_steps():
+    args = train_image.parse_args([*TINY, "--group_size", "4", "--branch_steps", "0,2", "--sde", "flow_grpo",
+                                   "--eta", "0.7"])
+    schedule = sampling.schedule_for(models.load_pipeline("tiny-flux"), args)
+    etas = sampling.for_iteration(schedule, 0, args).etas
+    assert torch.equal(etas, torch.stack([schedule.etas[0], torch.tensor(0.0).double(), schedule.etas[2],
+                                          torch.tensor(0.0).double()]))
+    args.sde_window = 2  # the window of iteration 0 is steps 0, 1
+    assert (sampling.for_iteration(schedule, 0, args).etas[:3] == schedule.etas[:3]).all()
+    assert sampling.for_iteration(schedule, 0, args).etas[3] == 0
+
+
+def test_timesteps_for_trains_each_edge_once_and_leaves_chains_alone():
+    args = train_image.parse_args([*TINY, "--group_size", "4", "--branch_steps", "0,2"])
+    steps = sampling.timesteps_for([0, 1], args, 0)
+    assert torch.equal(steps, torch.tensor([[0, 2], [2, -1], [0, 2], [2, -1]] * 2))
+    args.width_pruning_mode = 2  # keep the best and worst of step 2's four edges per tree
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0, 0.1, 0.2, 0.3, 0.4])[None, :, None].expand(2, 8, 4)  # two rewards
+    pruned = sampling.timesteps_for([0, 1], args, 0, adv, [1.0, 0.5])
+    assert torch.equal(pruned, torch.tensor([[0, -1], [2, -1], [0, -1], [2, -1], [0, 2], [-1, -1], [0, -1], [2, -1]]))
+    chain = train_image.parse_args([*TINY, "--group_size", "4"])
+    assert torch.equal(sampling.timesteps_for([0, 1], chain, 3), sampling.timesteps_for([0, 1], chain, 3, adv, [1.0]))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--branch_steps", "0,2", "--group_size", "8"], "--group_size 8 must equal"),
+    (["--branch_steps", "0,3", "--group_size", "4"], r"--branch_steps must be increasing steps in \[0, 2\]"),
+    (["--branch_steps", "2,0", "--group_size", "4"], "increasing"),
+    (["--branch_steps", "0,x"], "invalid step_list value"),
+    (["--width_pruning_mode", "2"], "need --branch_steps"),
+    (["--depth_pruning", "3"], "need --branch_steps"),
+    (["--branch_steps", "0,2", "--group_size", "4", "--no-same_noise"], "one root noise"),
+    (["--branch_steps", "0,2", "--group_size", "4", "--sde_window", "1", "--ode_steps_after", "1"], "ode_steps_after"),
+    (["--branch_steps", "0,2", "--group_size", "4", "--width_pruning_ratio", "0"], "width_pruning_ratio"),
+])
+def test_check_args_refuses_bad_tree_flags_in_one_line(flags, match, capsys):
+    with pytest.raises(SystemExit):
+        train_image.parse_args([*TINY, *flags])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err and __import__("re").search(match, err), err
+
+
+def test_update_indexes_tree_advantages_by_leaf_and_step():
+    """accumulate_gradients with advantages [K, N, T] trains pair (b, j) with advantage [:, b, j]: the same loss and
+    gradient as the pairs laid out as samples of their own with those advantages as [K, M]."""
+    args = train_image.parse_args([*TINY, "--group_size", "4", "--branch_steps", "0,2", "--micro_batch", "3"])
+    pipe = models.load_pipeline("tiny-flux")
+    schedule = sampling.for_iteration(sampling.schedule_for(pipe, args), 0, args)
+    cond = models.encode_prompts(pipe, ["a cat"] * 4, "cpu")
+    latents, log_probs, _ = sampling.rollout_groups(pipe, cond, [0], schedule, args, 0)
+    adv = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    steps = sampling.timesteps_for([0], args, 0)
+    keep = steps.flatten() >= 0
+    b, j = torch.arange(4).repeat_interleave(steps.shape[1])[keep], steps.flatten()[keep]
+    common = dict(weights=[1.0, 0.3], schedule=schedule, extra=None, reference=None)
+    tree = dict(latents=latents, log_probs=log_probs, advantages=adv, cond=cond, **common)
+    flat = dict(latents=latents[b], log_probs=log_probs[b], advantages=adv[:, b, j],
+                cond={k: v[b] for k, v in cond.items()}, **common)
+    results = []
+    for batch, samples in ((tree, b), (flat, torch.arange(len(b)))):
+        pipe.transformer.zero_grad(set_to_none=True)
+        loss, ratios, _ = train_image.accumulate_gradients(pipe, batch, samples, j, args, torch.device("cpu"))
+        results.append((loss, ratios, [p.grad.clone() for p in pipe.transformer.parameters() if p.grad is not None]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6) and results[0][0] != 0
+    assert torch.equal(results[0][1], results[1][1]) and ((results[0][1] - 1).abs() < 1e-5).all()
+    for g1, g2 in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("flags, pairs", [
+    ([], 2 * (2 + 4)),  # per tree: the two edges of the split at step 0, the four at step 2
+    (["--sde_window", "2"], 2 * (2 + 2 + 4)),  # the window (steps 0, 1) adds step 1's two edges
+    (["--width_pruning_mode", "2", "--tree_prob_weighted"], 2 * (2 + 2)),  # 2 of step 2's 4 edges
+])
+def test_tiny_training_runs_on_trees_with_ratio_one_before_the_first_step(flags, pairs, tmp_path):
+    initial = {k: v.clone() for k, v in models.trained_module(models.load_pipeline("tiny-flux")).state_dict().items()}
+    _, net = train_image.main([*TINY, "--branch_steps", "0,2", "--group_size", "4", "--iterations", "2",
+                               "--prompts_per_rank", "2", "--output_dir", str(tmp_path), *flags])
+    rows = read_metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(r["first_ratio_error"] < 1e-6 and r["trained_pairs"] == pairs and r["skipped_updates"] == 0
+               for r in rows)
+    assert any(not torch.equal(initial[k], v) for k, v in net.state_dict().items())

@@ -284,3 +284,10 @@ def test_tiny_training_runs_on_trees_with_ratio_one_before_the_first_step(flags,
     assert all(r["first_ratio_error"] < 1e-6 and r["trained_pairs"] == pairs and r["skipped_updates"] == 0
                for r in rows)
     assert any(not torch.equal(initial[k], v) for k, v in net.state_dict().items())
+
+
+def test_train_video_refuses_trees_in_one_line(capsys):
+    import train_video
+    with pytest.raises(SystemExit):
+        train_video.parse_args(["--model", "tiny-wan", "--branch_steps", "0", "--group_size", "2"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("is for train_image.py only")

@@ -131,7 +131,8 @@ def check_args(args) -> str | None:
 
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
     """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, ODE steps outside; with --ode_steps_after
-    (Flash) fewer ODE steps after the window. Without --sde_window: the schedule as it is."""
+    (Flash) fewer ODE steps after the window. --branch_steps (BranchGRPO): SDE steps at the branch steps and in the
+    window, ODE elsewhere, the levels unchanged. Without either: the schedule as it is."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     if getattr(args, "branch_steps", None):  # BranchGRPO: SDE at the branch steps (and in a window), ODE elsewhere
         etas = sde.window_etas(args.num_steps, schedule.etas, set(args.branch_steps) | set(window or ()))
@@ -187,11 +188,12 @@ def tree_sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra
 
     def denoise(x, i):
         bar.update()
-        rows, t, chunk, outs = torch.arange(0, n, n // len(x)), schedule.model_t[i].to(device), args.rollout_batch, []
-        for s in range(0, len(x), chunk or len(x)):
-            part, nodes = rows[s:s + (chunk or len(x))], slice(s, s + (chunk or len(x)))
+        rows = torch.arange(0, n, n // len(x))  # [n_i]: each node's first leaf, whose prompt (and frame) it has
+        t, chunk, outs = schedule.model_t[i].to(device), args.rollout_batch or len(x), []
+        for s in range(0, len(x), chunk):
+            part = rows[s:s + chunk]
             with autocast(device):
-                outs.append(models.predict(pipe, x[nodes], t.expand(len(part)), {k: v[part] for k, v in cond.items()},
+                outs.append(models.predict(pipe, x[s:s + chunk], t.expand(len(part)), {k: v[part] for k, v in cond.items()},
                                            guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                                            extra={k: v[part] for k, v in extra.items()} if extra else None))
         return torch.cat(outs)

@@ -247,7 +247,7 @@ def tree_rollout(denoise, noise, schedule, eta, branch_steps, branch_factor=2, *
       noise: the roots x_T [P, ...], one per tree (prompt group).
       schedule, eta, kind: as in rollout (eta a float or one per step; 0 an ODE step). A branch step needs eta > 0.
       branch_steps: the step indices where every node splits (sorted, distinct, in [0, T - 1]).
-      branch_factor: children per split, b >= 2 (BranchGRPO's code hard-codes 2).
+      branch_factor: children per split, b >= 2 (BranchGRPO's code hard-codes 2, train_branchgrpo_flux.py:405).
       generator: a torch.Generator, or a list with one per tree (each tree's noise its own stream, as _randn).
     Returns the leaves' paths in rollout's layout, N = P * b ** len(branch_steps) leaves, tree after tree:
       latents   [N, T + 1, ...]  each leaf's x_T, ..., x_0 (the shared prefix repeated in every leaf below it)

@@ -7,6 +7,11 @@
   select_timesteps          which denoising steps of each sample are trained     Sec. 3.3
   sde_window                MixGRPO's sliding window of SDE (and trained) steps  arXiv 2507.21802
   best_of_n                 keep the best and worst samples of each group        Sec. 3.3
+  tree_values               BranchGRPO: each tree node's value from its leaves' rewards (mean, or path-weighted)
+  tree_advantages           node values z-scored per depth within each tree, per (leaf, step)    arXiv 2509.06040
+  tree_pairs                which (leaf, step) pairs train each SDE edge of a tree once
+  slide_depths, prune_depths, prune_width   BranchGRPO's depth pruning (sliding) and width pruning (mode 2)
+  trained_steps             a pair mask as per-sample steps padded with -1 (what the update reads)
   gaussian_kl               KL of one step to a reference policy, per sample (the paper has none)
   kl_penalty                Flow-GRPO's kl_loss: gaussian_kl times the step's length in sigma   arXiv 2505.05470
   groups_without_spread     fraction of groups whose rewards are equal at float32 resolution (no gradient)
@@ -170,6 +175,137 @@ def best_of_n(rewards: torch.Tensor, group_size: int, keep: int) -> torch.Tensor
     kept = kept.sort(dim=1).values
     offsets = torch.arange(kept.shape[0], device=kept.device)[:, None] * group_size
     return (kept + offsets).flatten()
+
+
+def _tree_widths(num_steps: int, branch_steps, branch_factor: int) -> list[int]:
+    """Nodes of one tree at times 0 .. T (time i: after i steps): b ** (number of branch steps before i)."""
+    if branch_factor < 2 or not all(0 <= b < num_steps for b in branch_steps) or len(set(branch_steps)) != len(
+            branch_steps):
+        raise ValueError(f"need branch_factor >= 2 and distinct branch_steps in [0, {num_steps - 1}], got "
+                         f"{branch_factor}, {list(branch_steps)}")
+    return [branch_factor ** sum(b < i for b in branch_steps) for i in range(num_steps + 1)]
+
+
+def _check_tree(n: int, widths) -> int:
+    if n % widths[-1]:
+        raise ValueError(f"{n} leaves are not whole trees of {widths[-1]} leaves")
+    return widths[-1]
+
+
+def tree_values(rewards, num_steps, branch_steps, branch_factor, *, log_probs=None) -> torch.Tensor:
+    """The value of every node of BranchGRPO's trees (sde.tree_rollout's layout), per leaf and time: [N, T + 1],
+    column i the value of the node the leaf passes at time i (after i steps); column T is the leaf's reward.
+
+    Default: a node's value is the mean of its leaves' rewards (BranchGRPO train_branchgrpo_flux.py:643-649, its
+    default): its leaves are samples of the policy from that node, so their mean estimates the node's expected reward.
+    log_probs [N, T] given (their --tree_prob_weighted, :615-641): from the leaves up, a node splitting at step i
+    takes the softmax over its children's step-i edge log-probs as weights of the children's values, a node with one
+    child its child's value. rewards: Tensor[N], trees of G = b ** len(branch_steps) consecutive leaves.
+    """
+    widths = _tree_widths(num_steps, branch_steps, branch_factor)
+    G = _check_tree(len(rewards), widths)
+    r = rewards.float()
+    P = len(r) // G
+    if log_probs is None:
+        return torch.stack([r.view(P * w, G // w).mean(1).repeat_interleave(G // w) for w in widths], dim=1)
+    node = r  # values of the nodes at time i + 1, [P * widths[i + 1]]
+    columns = [r]
+    for i in reversed(range(num_steps)):
+        if widths[i] != widths[i + 1]:  # a branch step: weights softmax over the children's edge log-probs
+            lp = log_probs[:: G // widths[i + 1], i].float().view(-1, branch_factor)  # [P * widths[i], b]
+            node = (torch.softmax(lp, dim=1) * node.view(-1, branch_factor)).sum(1)
+        columns.insert(0, node.repeat_interleave(G // widths[i]))
+    return torch.stack(columns, dim=1)
+
+
+def tree_advantages(rewards, num_steps, branch_steps, branch_factor, clip=5.0, *, log_probs=None) -> torch.Tensor:
+    """BranchGRPO's advantages per (leaf, step), Tensor[N, T]: entry (l, i) is the advantage of the node that leaf
+    l's step-i edge leads to, the nodes at depth i + 1 (time i + 1) of one tree z-scored among themselves (unbiased
+    std; BranchGRPO train_branchgrpo_flux.py:655-684, per tree :1149-1180): a depth with one node, or whose values
+    have std < 1e-6, gets 0; else (v - mean) / (std + 1e-8). Clipped to [-clip, clip] (their :1547).
+    Node values: tree_values (log_probs given: the path-probability-weighted ones)."""
+    values = tree_values(rewards, num_steps, branch_steps, branch_factor, log_probs=log_probs)  # [N, T + 1]
+    widths = _tree_widths(num_steps, branch_steps, branch_factor)
+    G, columns = widths[-1], []
+    for i in range(num_steps):
+        w = widths[i + 1]
+        v = values[:: G // w, i + 1].view(-1, w)  # [P, w]: one tree's nodes at depth i + 1 a row
+        if w == 1:
+            adv = torch.zeros_like(v)
+        else:
+            mean, std = v.mean(dim=1, keepdim=True), v.std(dim=1, keepdim=True)
+            adv = torch.where(std < 1e-6, torch.zeros_like(v), (v - mean) / (std + 1e-8))
+        columns.append(adv.flatten().repeat_interleave(G // w))
+    return torch.stack(columns, dim=1).clamp(-clip, clip)
+
+
+def tree_pairs(num_steps, sde_steps, branch_steps, branch_factor, num_trees) -> torch.Tensor:
+    """Which (leaf, step) pairs the update trains so that each edge of the trees is trained once: bool [N, T].
+
+    An edge of step i is trained when step i is an SDE step (in sde_steps: a policy step with a log-prob), not the
+    last step (never trained, as DanceGRPO), and its depth i + 1 holds >= 2 nodes of a tree (one node: advantage 0).
+    The edge is represented by the first leaf below the node it leads to (that leaf's path holds the edge's latents
+    and log-prob). BranchGRPO trains every edge once (train_branchgrpo_flux.py:1199-1225; with its mix mode only the
+    SDE ones, :1233-1252)."""
+    widths = _tree_widths(num_steps, branch_steps, branch_factor)
+    G = widths[-1]
+    pairs = torch.zeros(num_trees * G, num_steps, dtype=torch.bool)
+    for i in range(num_steps - 1):
+        if i in sde_steps and widths[i + 1] >= 2:
+            pairs[:: G // widths[i + 1], i] = True
+    return pairs
+
+
+def slide_depths(depths, iteration: int, interval: int = 0, stop_depth: int = 0) -> list[int]:
+    """BranchGRPO's sliding depth pruning (train_branchgrpo_flux.py:1277-1294): the pruned depths move one toward
+    the root every `interval` training steps (their step = iteration + 1, :1857), until the shallowest reaches
+    stop_depth (their default: the last split step, :1282). interval 0: the depths as given."""
+    if not depths or not interval:
+        return sorted(depths)
+    shift = min((iteration + 1) // interval, max(0, min(depths) - stop_depth))
+    return [d - shift for d in sorted(depths)]
+
+
+def prune_depths(pairs: torch.Tensor, depths) -> torch.Tensor:
+    """BranchGRPO's depth pruning (--depth_pruning, train_branchgrpo_flux.py:1300-1313): the edges leading to a node
+    at one of `depths` (depth d: time d, the edges of step d - 1) are not trained; sampling and rewards unchanged.
+    pairs: bool [N, T] (tree_pairs). Returns a pruned copy."""
+    pairs = pairs.clone()
+    for d in depths:
+        if 1 <= d <= pairs.shape[1]:
+            pairs[:, d - 1] = False
+    return pairs
+
+
+def prune_width(pairs: torch.Tensor, advantages: torch.Tensor, group_size: int, ratio: float = 0.5) -> torch.Tensor:
+    """BranchGRPO's width pruning, mode 2 (train_branchgrpo_flux.py:1437-1457): of the edges of the deepest trained
+    step of each tree, keep the best keep // 2 and the worst keep - keep // 2 by advantage, keep = max(2, int(m *
+    ratio)) of its m edges (ties in leaf order, as their stable sort); other steps unchanged.
+    pairs: bool [N, T]; advantages: [N, T] (several rewards: their weighted sum). Returns a pruned copy."""
+    pairs = pairs.clone()
+    _check_groups(len(pairs), group_size)
+    for start in range(0, len(pairs), group_size):
+        tree = pairs[start:start + group_size]  # a view: pruned in place
+        trained = tree.any(dim=0).nonzero().flatten()
+        if not len(trained):
+            continue
+        s = trained[-1]
+        rows = tree[:, s].nonzero().flatten()  # the layer's edges, one representative leaf each
+        order = rows[advantages[start + rows, s].sort(descending=True, stable=True).indices]
+        keep = max(2, int(len(rows) * ratio))
+        tree[order[keep // 2: len(order) - (keep - keep // 2)], s] = False
+    return pairs
+
+
+def trained_steps(pairs: torch.Tensor) -> torch.Tensor:
+    """A pair mask bool [N, T] as each sample's trained steps, ascending, padded with -1: LongTensor[N, k], k the
+    most any sample trains (a tree's first leaf carries the edges above it, the others fewer)."""
+    k = int(pairs.sum(dim=1).max()) if pairs.numel() else 0
+    steps = torch.full((pairs.shape[0], k), -1, dtype=torch.long)
+    for row, mask in enumerate(pairs):
+        found = mask.nonzero().flatten()
+        steps[row, :len(found)] = found
+    return steps
 
 
 def gaussian_kl(mean, ref_mean, std):

@@ -2,11 +2,16 @@
 
   Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step
   schedule_for      the run's schedule for its model (flow sigmas with the shift, or SD's DDIM alpha-bars)
-  add_args, check_args   the flags of MixGRPO's window and Flash's tail
-  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter tail), else as is
+  add_args, check_args   the flags of MixGRPO's window and Flash's tail, and of BranchGRPO's tree rollouts
+  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter tail); a tree's SDE
+                    steps (branch steps and window), else as is
   sample            one batched rollout through the pipeline's network (guided as models.predict guides)
-  group_ids, prompts_for, timesteps_for   which prompt groups a rank rolls out, their prompts, trained steps
-  rollout_groups    all prompt groups of a rank as one batch, each group's noise seeded by its index (Alg. 1, line 4)
+  tree_sample       BranchGRPO's tree rollout through it: one network row per tree node (docs/branchgrpo.md)
+  group_ids, prompts_for, timesteps_for   which prompt groups a rank rolls out, their prompts, trained steps (a
+                    tree's: each edge once, pruned, padded with -1)
+  advantages_for    per reward: group advantages [K, N], or a tree's per (leaf, step) [K, N, T]
+  rollout_groups    all prompt groups of a rank as one batch (chains or trees), each group's noise seeded by its
+                    index (Alg. 1, line 4)
   latent_shape      one sample's latent shape in the step layout
   fixed_samples     the same prompts from the same noise, deterministically: the pictures of a run
   score, decode_and_score   rewards on decoded images or videos, in memory
@@ -80,6 +85,27 @@ def add_args(parser):
     parser.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
     parser.add_argument("--ode_steps_after", type=int, default=0,
                         help="MixGRPO-Flash: ODE steps after the window (0 = all)")
+    tree = parser.add_argument_group("BranchGRPO tree rollouts (docs/branchgrpo.md)")
+    tree.add_argument("--branch_steps", type=step_list, help="steps where every node splits, e.g. 0,3,6,9 "
+                      "(default: none, chains); group_size = branch_factor ** their number")
+    tree.add_argument("--branch_factor", type=int, default=2, help="children per split (BranchGRPO: 2)")
+    tree.add_argument("--tree_prob_weighted", action="store_true",
+                      help="node values: softmax of the child edges' log-probs, not the mean of the leaves")
+    tree.add_argument("--depth_pruning", type=step_list, help="depths not trained, e.g. 15,16 (depth d: step d-1's edges)")
+    tree.add_argument("--depth_pruning_slide_interval", type=int, default=0,
+                      help="iterations between moves of the pruned depths toward the root (0 = fixed)")
+    tree.add_argument("--depth_pruning_stop_depth", type=int, help="the sliding stops there (default: last branch step)")
+    tree.add_argument("--width_pruning_mode", type=int, choices=(0, 2), default=0,
+                      help="2: train the best and worst of the deepest trained layer's edges per tree")
+    tree.add_argument("--width_pruning_ratio", type=float, default=0.5, help="fraction of those edges kept")
+
+
+def step_list(text: str) -> tuple[int, ...]:
+    """'0,3,6,9' -> (0, 3, 6, 9), for argparse."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def check_args(args) -> str | None:
@@ -87,13 +113,30 @@ def check_args(args) -> str | None:
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
             args.ode_steps_after and not (args.sde_window and args.shift)):
         return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
+    branches, b, T = args.branch_steps, args.branch_factor, args.num_steps
+    if not branches:
+        return "--tree_prob_weighted and depth/width pruning need --branch_steps" if (
+            args.tree_prob_weighted or args.depth_pruning or args.width_pruning_mode) else None
+    if sorted(set(branches)) != list(branches) or not 0 <= branches[0] <= branches[-1] <= T - 2:
+        return f"--branch_steps must be increasing steps in [0, {T - 2}] (the last step's noise never reaches the image)"
+    if b < 2 or args.group_size != b ** len(branches):
+        return (f"--group_size {args.group_size} must equal --branch_factor ** len(--branch_steps) = {b} ** "
+                f"{len(branches)} (a tree's leaves), --branch_factor >= 2")
+    if args.ode_steps_after or not args.same_noise:
+        return "--branch_steps grows each group from one root noise (--same_noise) on the full schedule (no --ode_steps_after)"
+    if not 0 < args.width_pruning_ratio <= 1 or args.depth_pruning_slide_interval < 0:
+        return "--width_pruning_ratio must be in (0, 1] and --depth_pruning_slide_interval >= 0"
     return None
 
 
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
     """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, ODE steps outside; with --ode_steps_after
-    (Flash) fewer ODE steps after the window. Without --sde_window: the schedule as it is."""
+    (Flash) fewer ODE steps after the window. --branch_steps (BranchGRPO): SDE steps at the branch steps and in the
+    window, ODE elsewhere, the levels unchanged. Without either: the schedule as it is."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
+    if getattr(args, "branch_steps", None):  # BranchGRPO: SDE at the branch steps (and in a window), ODE elsewhere
+        etas = sde.window_etas(args.num_steps, schedule.etas, set(args.branch_steps) | set(window or ()))
+        return schedule._replace(etas=torch.tensor(etas, dtype=torch.float64))
     if window is None:
         return schedule
     levels, model_t, etas = sde.window_plan(schedule.levels, schedule.model_t, schedule.etas, window, args.shift,
@@ -134,17 +177,46 @@ def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None
         return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator)
 
 
+@torch.no_grad()
+def tree_sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None):
+    """BranchGRPO's tree rollout (sde.tree_rollout) through the pipeline's network: roots noise [P, ...], one tree per
+    group of G = branch_factor ** len(branch_steps) consecutive rows of cond / extra (all N rows). At each step the
+    network sees each node once (its prompt: its first leaf's row), `args.rollout_batch` nodes a call. Returns the
+    leaves' latents [N, T+1, ...], log_probs [N, T] (NaN on ODE steps), final [N, ...]."""
+    device, n = noise.device, len(next(iter(cond.values())))
+    bar = progress(len(schedule.model_t), "tree rollout")
+
+    def denoise(x, i):
+        bar.update()
+        rows = torch.arange(0, n, n // len(x))  # [n_i]: each node's first leaf, whose prompt (and frame) it has
+        t, chunk, outs = schedule.model_t[i].to(device), args.rollout_batch or len(x), []
+        for s in range(0, len(x), chunk):
+            part = rows[s:s + chunk]
+            with autocast(device):
+                outs.append(models.predict(pipe, x[s:s + chunk], t.expand(len(part)), {k: v[part] for k, v in cond.items()},
+                                           guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                                           extra={k: v[part] for k, v in extra.items()} if extra else None))
+        return torch.cat(outs)
+    with bar:
+        return sde.tree_rollout(denoise, noise, schedule.levels.to(device), schedule.etas, args.branch_steps,
+                                args.branch_factor, kind=schedule.kind, generator=generator)
+
+
 def rollout_groups(pipe, cond, groups, schedule: Schedule, args, iteration, *, extra=None):
     """Roll out all prompt groups of a rank as one batch (DanceGRPO Alg. 1, line 4).
 
     cond / extra: batch-first dicts for all N = len(groups) * G samples, groups consecutive.
     Group g draws its initial noise (shared by its G samples with --same_noise) from seeded(seed, iteration, g)
     and its SDE noise from seeded(seed, iteration, g, 1), so the samples do not depend on how groups are spread
-    over ranks. Returns latents [N, T+1, ...], log_probs [N, T], final [N, ...]."""
+    over ranks. With --branch_steps each group is a tree (tree_sample) from that noise. Returns latents
+    [N, T+1, ...], log_probs [N, T], final [N, ...] (a tree's: its leaves' paths)."""
     device = next(iter(cond.values())).device
-    noise = sde.group_noise(len(groups), args.group_size, latent_shape(pipe, args),
+    tree = getattr(args, "branch_steps", None)  # BranchGRPO: one root per group, the draw shared samples share
+    noise = sde.group_noise(len(groups), 1 if tree else args.group_size, latent_shape(pipe, args),
                             [seeded(args.seed, iteration, g) for g in groups], args.same_noise).to(device)
     step_noise = [seeded(args.seed, iteration, g, 1, device=device) for g in groups]
+    if tree:
+        return tree_sample(pipe, cond, noise, schedule, args, step_noise, extra=extra)
     return sample(pipe, cond, noise, schedule, args, step_noise, extra=extra,
                   shared_first=args.group_size if args.same_noise else 1)
 
@@ -164,11 +236,36 @@ def prompts_for(iteration, rank, world, per_rank, prompts, seed) -> list[str]:
     return out
 
 
-def timesteps_for(groups, args, iteration) -> torch.Tensor:
-    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's."""
+def timesteps_for(groups, args, iteration, advantages=None, weights=None) -> torch.Tensor:
+    """Per-sample trained timesteps [N, k], drawn per group from seeded(seed, iteration, g, 2); MixGRPO: the window's.
+
+    --branch_steps: each SDE edge of the trees once (grpo.tree_pairs: branch and window steps), by the first leaf
+    below it, depth-pruned (sliding) and width-pruned (by the weighted sum of `advantages` [K, N, T] with `weights`);
+    [N, k] padded with -1, k the most edges a leaf carries."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
+    if getattr(args, "branch_steps", None):
+        T, branches, b = args.num_steps, args.branch_steps, args.branch_factor
+        pairs = grpo.tree_pairs(T, set(branches) | set(window or ()), branches, b, len(groups))  # [N, T]
+        stop = branches[-1] if args.depth_pruning_stop_depth is None else args.depth_pruning_stop_depth
+        pairs = grpo.prune_depths(pairs, grpo.slide_depths(args.depth_pruning or (), iteration,
+                                                           args.depth_pruning_slide_interval, stop))
+        if args.width_pruning_mode == 2:
+            ranked = sum(w * a for w, a in zip(weights, advantages.cpu()))  # [N, T]
+            pairs = grpo.prune_width(pairs, ranked, args.group_size, args.width_pruning_ratio)
+        return grpo.trained_steps(pairs)
     return torch.cat([grpo.select_timesteps(args.num_steps, args.timestep_fraction, args.group_size,
                                             seeded(args.seed, iteration, g, 2), window) for g in groups])
+
+
+def advantages_for(scores, log_probs, args) -> torch.Tensor:
+    """Advantages per reward (Sec. 3.3): grpo.reward_advantages [K, N] (scores [K, N], groups of G); --branch_steps:
+    grpo.tree_advantages per reward, [K, N, T] per (leaf, step), node values path-weighted by the rollout's
+    log_probs [N, T] with --tree_prob_weighted. Summed with the rewards' weights in grpo.clipped_loss."""
+    if not getattr(args, "branch_steps", None):
+        return grpo.reward_advantages(scores, args.group_size, args.adv_clip)
+    lp = log_probs.to(scores.device) if args.tree_prob_weighted else None
+    return torch.stack([grpo.tree_advantages(r, args.num_steps, args.branch_steps, args.branch_factor, args.adv_clip,
+                                             log_probs=lp) for r in scores])
 
 
 def latent_shape(pipe, args) -> torch.Size:

@@ -13,6 +13,8 @@ clipped GRPO objective (grpo.py) compares before and after an update.
                   mixes SDE and ODE steps (MixGRPO's sliding window, arXiv 2507.21802)
   window_etas     eta inside a window of steps, 0 (an ODE step) outside it                 MixGRPO
   window_plan     the schedule and etas of a windowed rollout
+  tree_rollout    BranchGRPO's tree: one root per group splitting into b children at branch steps, each shared
+                  prefix computed once; returns the leaves' paths in rollout's layout           arXiv 2509.06040
   flash_sigmas    the flow schedule with the steps after the window done in fewer ODE steps  MixGRPO-Flash
 
 Every function depends on torch and math only and may be copied on its own.
@@ -229,6 +231,55 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
     else:
         final = x
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), final
+
+
+def tree_rollout(denoise, noise, schedule, eta, branch_steps, branch_factor=2, *, kind="flow", generator=None):
+    """BranchGRPO's tree rollout (Li et al. 2025, arXiv 2509.06040): each prompt group grows as a tree from one root.
+
+    Every node takes the step with one network call (the nodes of a step batched together); at a branch step the
+    node's mean is repeated branch_factor times and each child draws its own noise, so G = b ** len(branch_steps)
+    leaves share every prefix above their split, computed once. Children of a node are consecutive, trees are
+    consecutive: the node that leaf l passes at time i (after i steps, n_i nodes in all) is l // (N / n_i).
+
+    Args:
+      denoise: callable (latents [n_i, ...] of the n_i nodes at time i, step index i) -> model output [n_i, ...];
+        node j of time i belongs to leaves j * N / n_i ... (j + 1) * N / n_i - 1 (its prompt: any of theirs).
+      noise: the roots x_T [P, ...], one per tree (prompt group).
+      schedule, eta, kind: as in rollout (eta a float or one per step; 0 an ODE step). A branch step needs eta > 0.
+      branch_steps: the step indices where every node splits (sorted, distinct, in [0, T - 1]).
+      branch_factor: children per split, b >= 2 (BranchGRPO's code hard-codes 2, train_branchgrpo_flux.py:405).
+      generator: a torch.Generator, or a list with one per tree (each tree's noise its own stream, as _randn).
+    Returns the leaves' paths in rollout's layout, N = P * b ** len(branch_steps) leaves, tree after tree:
+      latents   [N, T + 1, ...]  each leaf's x_T, ..., x_0 (the shared prefix repeated in every leaf below it)
+      log_probs [N, T]           the log-prob of the edge each leaf's path takes at step i (NaN for ODE steps)
+      final     [N, ...]         the last step's x0_hat (flow) or the last x_0 (ddim)
+    """
+    if kind not in ("flow", "ddim"):
+        raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
+    step = flow_sde_step if kind == "flow" else ddim_sde_step
+    num_steps = len(schedule) - 1
+    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * num_steps
+    branches = sorted(set(int(b) for b in branch_steps))
+    if len(etas) != num_steps or branch_factor < 2 or list(branch_steps) != branches or not all(
+            0 <= b < num_steps and etas[b] > 0 for b in branches):
+        raise ValueError(f"need one eta per step ({num_steps}), branch_factor >= 2 and sorted distinct branch_steps "
+                         f"in [0, {num_steps - 1}] with eta > 0; got {len(etas)}, {branch_factor}, {list(branch_steps)}")
+    n = noise.shape[0] * branch_factor ** len(branches)  # leaves
+    x = noise.float()
+    nodes, edge_log_probs = [x], []  # nodes[i]: [n_i, ...] at time i; edge_log_probs[i]: [n_{i+1}] of step i's edges
+    for i in range(num_steps):
+        model_output = denoise(x, i)
+        if i in branches:  # each child repeats its parent's input and velocity: the same mean, its own noise
+            x, model_output = (t.repeat_interleave(branch_factor, dim=0) for t in (x, model_output))
+        x_in, (x, log_prob, _, _) = x, step(model_output, x, schedule[i], schedule[i + 1], etas[i], generator=generator)
+        nodes.append(x)
+        edge_log_probs.append(log_prob if etas[i] > 0 else torch.full_like(log_prob, float("nan")))
+    final = x_in - schedule[-2] * model_output.float() if kind == "flow" else x  # x0_hat = x - sigma v
+
+    def leaves(t):  # node rows -> the rows of the leaves below them
+        return t.repeat_interleave(n // len(t), dim=0)
+    return (torch.stack([leaves(t) for t in nodes], dim=1), torch.stack([leaves(t) for t in edge_log_probs], dim=1),
+            leaves(final))
 
 
 def window_etas(num_steps: int, eta, window) -> list[float]:

@@ -239,7 +239,8 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
             with sampling.autocast(device):
                 out = models.predict(pipe, x, model_t[j], cond, **call, extra=extra)
             _, log_prob, mean, std = step(out, x, levels[j], levels[j + 1], etas[j], prev_sample=x_next)  # [m]
-            old_log_prob, adv = batch["log_probs"][b, j].to(device), batch["advantages"][:, b].to(device)  # [m], [K, m]
+            adv = batch["advantages"][:, b, j] if batch["advantages"].ndim == 3 else batch["advantages"][:, b]  # [K, m]
+            old_log_prob, adv = batch["log_probs"][b, j].to(device), adv.to(device)  # [m], [K, m]
             loss = grpo.clipped_loss(log_prob, old_log_prob, adv, args.clip_range, batch["weights"])
             if args.kl_coef:  # deviation (opt-in, as Flow-GRPO): the step under the frozen initial policy, same std
                 with torch.no_grad(), models.reference_policy(pipe, batch["reference"]), sampling.autocast(device):
@@ -259,22 +260,26 @@ def accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device):
 def policy_update(pipe, policy, batch, args, device):
     """Recompute log-probs at the selected (sample, timestep) pairs, clipped loss, AdamW.
 
-    batch: latents [N, T+1, ...], log_probs [N, T], advantages [K, N] (one row per reward) with
-    weights [K], steps [N, k] (selected), cond and extra (batch-first dicts), the rollout's schedule.
+    batch: latents [N, T+1, ...], log_probs [N, T], advantages [K, N] (one row per reward; a tree's [K, N, T],
+    per sample and step) with weights [K], steps [N, k] (selected; -1: none), cond and extra (batch-first dicts),
+    the rollout's schedule.
     One optimizer step per `grad_accum` samples (as the official code), over all their k selected
     timesteps. A step whose gradient is not finite is skipped. The EMA, where kept, is moved toward
     the new weights once, after the iteration's last step (as the
     official FLUX script's EMA). Returns a dict of statistics.
     """
     n, k = batch["steps"].shape
-    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0}
-    all_ratios, all_steps, all_kl = [], [], []  # for the health figures
-    num_updates = math.ceil(n / args.grad_accum)
+    stats = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "first_ratio_error": None, "skipped_updates": 0,
+             "trained_pairs": int((batch["steps"] >= 0).sum())}
+    all_ratios, all_steps, all_kl = [torch.ones(0, device=device)], [torch.zeros(0, dtype=torch.long)], []  # health
+    updates = [torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
+               for u in range(math.ceil(n / args.grad_accum))]  # grad_accum samples an optimizer step
+    updates = [(s.repeat_interleave(k), batch["steps"][s].flatten()) for s in updates]  # [P], [P] (sample, step) pairs
+    updates = [(b[j >= 0], j[j >= 0]) for b, j in updates if (j >= 0).any()]  # a tree's steps: -1 pads a leaf's row
+    num_updates = max(1, len(updates))
     net, params, optimizer, ema = policy
     net.train()
-    for u in range(num_updates):
-        samples = torch.arange(u * args.grad_accum, min(n, (u + 1) * args.grad_accum))
-        pair_sample, pair_step = samples.repeat_interleave(k), batch["steps"][samples].flatten()  # [P], [P]
+    for u, (pair_sample, pair_step) in enumerate(updates):
         loss, ratios, kl = accumulate_gradients(pipe, batch, pair_sample, pair_step, args, device)
         all_ratios, all_steps, all_kl = all_ratios + [ratios], all_steps + [pair_step], all_kl + [kl]
         if u == 0:  # before the first step the policy is the rollout's: r = 1 up to numerics
@@ -390,15 +395,15 @@ def main(argv=None):
         group_prompts = sampling.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
-        plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only
-        latents, log_probs, final = sampling.rollout_groups(pipe, cond, groups, plan, args, iteration)
+        plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only (trees: + branches)
+        latents, log_probs, final = sampling.rollout_groups(pipe, cond, groups, plan, args, iteration)  # trees: leaves
 
         # 3. reward: decode and score in memory
         scores = sampling.decode_and_score(pipe, final, batch_prompts, scorers, args)  # [K, N]
 
         # 4. advantages per group and per reward (one clipped loss each, summed with weights); timesteps per sample
-        advantages = grpo.reward_advantages(scores, args.group_size, args.adv_clip)  # [K, N]
-        steps = sampling.timesteps_for(groups, args, iteration)  # [N, k]
+        advantages = sampling.advantages_for(scores, log_probs, args)  # [K, N] (a tree's: [K, N, T], per leaf and step)
+        steps = sampling.timesteps_for(groups, args, iteration, advantages, [s.weight for s in specs])  # [N, k], tree: -1 pads
 
         # 5. policy update on the selected timesteps
         batch = dict(latents=latents, log_probs=log_probs, advantages=advantages, weights=[s.weight for s in specs],

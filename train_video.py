@@ -58,7 +58,9 @@ def parse_args(argv=None):
     args = ti.parse_args(argv, parser=parser)
     args.keep = args.keep or args.group_size
     problem = None
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+    if args.branch_steps:
+        problem = "--branch_steps (BranchGRPO's tree rollouts) is for train_image.py only"
+    elif args.num_frames < 1 or (args.num_frames - 1) % 4:
         problem = f"--num_frames must be 4k + 1 (the VAE compresses time 4x), got {args.num_frames}"
     elif args.keep != args.group_size and not (2 <= args.keep < args.group_size and args.keep % 2 == 0):
         problem = f"--keep must be even and in [2, --group_size {args.group_size}], got {args.keep}"

@@ -1,9 +1,11 @@
 """Sampling with a pipeline: what the train scripts, evaluate.py, figures.py and bench.py share.
 
-  Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step
+  Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step,
+                    where a DPM-Solver++ tail starts (MixGRPO-Flash)
   schedule_for      the run's schedule for its model (flow sigmas with the shift, or SD's DDIM alpha-bars)
-  add_args, check_args   the flags of MixGRPO's window and Flash's tail
-  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter tail), else as is
+  add_args, check_args   the flags of MixGRPO's window and Flash's tail (its length and solver)
+  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter DPM-Solver++ or
+                    Euler tail), else as is
   sample            one batched rollout through the pipeline's network (guided as models.predict guides)
   group_ids, prompts_for, timesteps_for   which prompt groups a rank rolls out, their prompts, trained steps
   rollout_groups    all prompt groups of a rank as one batch, each group's noise seeded by its index (Alg. 1, line 4)
@@ -37,12 +39,14 @@ FLUX_FIRST_FRAME = dict(guidance_scale=3.5, num_inference_steps=30, max_sequence
 
 class Schedule(NamedTuple):
     """Step i goes from levels[i] to levels[i + 1], the network called at timestep model_t[i], with SDE noise
-    scale etas[i] (0: an ODE step, no log-prob). The rollout and the training recompute read the same object,
+    scale etas[i] (0: an ODE step, no log-prob); steps from dpm_from on are DPM-Solver++ ODE steps
+    (sde.dpm_solver_step, never trained). The rollout and the training recompute read the same object,
     so the ratio before the first update is exactly 1."""
     levels: torch.Tensor   # [T + 1] sigmas 1 -> 0 (flow) or alpha-bars a_T -> a_final (ddim)
     model_t: torch.Tensor  # [T] the network's timestep: sigma (flow) or the DDPM timestep (ddim)
     kind: str              # "flow" or "ddim": which sde step
     etas: torch.Tensor     # [T] float64 (a Python float's precision, so a per-step eta rounds as a scalar one)
+    dpm_from: int | None = None  # flow: the first step of a DPM-Solver++ tail (MixGRPO-Flash); None: none
 
     @property
     def step(self):
@@ -80,25 +84,45 @@ def add_args(parser):
     parser.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
     parser.add_argument("--ode_steps_after", type=int, default=0,
                         help="MixGRPO-Flash: ODE steps after the window (0 = all)")
+    parser.add_argument("--ode_tail_ratio", type=float, default=0.0,
+                        help="MixGRPO-Flash's dpm_post_compress_ratio: int(max(R * remaining, 1)) points after the "
+                             "window (0.4 Flash, 0.2 Flash*; 0 = all)")
+    parser.add_argument("--ode_tail", choices=["dpm", "euler"],
+                        help="the tail's solver: dpm (DPM-Solver++ 2M, as MixGRPO-Flash; the default) or euler")
 
 
 def check_args(args) -> str | None:
     """One line naming a bad add_args flag, or None."""
+    tail = args.ode_steps_after or args.ode_tail_ratio
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
-            args.ode_steps_after and not (args.sde_window and args.shift)):
-        return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
+            tail and not (args.sde_window and args.shift)):
+        return (f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after and "
+                "--ode_tail_ratio need it and a flow model")
+    if args.ode_steps_after and args.ode_tail_ratio:
+        return "--ode_steps_after (a step count) and --ode_tail_ratio (MixGRPO's ratio) exclude each other"
+    if not 0 <= args.ode_tail_ratio <= 1:
+        return f"--ode_tail_ratio in (0, 1] (0 = off), got {args.ode_tail_ratio}"
+    if args.ode_tail and not tail:
+        return "--ode_tail needs --ode_steps_after or --ode_tail_ratio (without them the window's ODE steps are Euler)"
     return None
 
 
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
-    """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, ODE steps outside; with --ode_steps_after
-    (Flash) fewer ODE steps after the window. Without --sde_window: the schedule as it is."""
+    """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, Euler ODE steps outside. MixGRPO-Flash:
+    the steps after the window on a shorter schedule (sde.flash_sigmas), --ode_steps_after of them or MixGRPO's
+    --ode_tail_ratio rule (sde.flash_tail_steps), solved by DPM-Solver++ (--ode_tail dpm, the default:
+    sde.dpm_solver_step, as finetune_flux_grpo_MixGRPO_Flash.sh:75-79) or Euler. The window's sigmas stay those
+    of the full schedule bit for bit. Without --sde_window: the schedule as it is."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     if window is None:
         return schedule
+    tail = args.ode_steps_after or None
+    if args.ode_tail_ratio:
+        tail = sde.flash_tail_steps(args.num_steps, window.stop, args.ode_tail_ratio)
     levels, model_t, etas = sde.window_plan(schedule.levels, schedule.model_t, schedule.etas, window, args.shift,
-                                            args.ode_steps_after)  # the schedule's etas inside the window
-    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64))
+                                            tail)  # the schedule's etas inside the window
+    dpm_from = window.stop if tail is not None and (args.ode_tail or "dpm") == "dpm" else None
+    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64), dpm_from)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -131,7 +155,8 @@ def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None
             return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
         return network(x, t, torch.arange(len(x)))
     with bar:
-        return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator)
+        return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator,
+                           dpm_from=schedule.dpm_from)
 
 
 def rollout_groups(pipe, cond, groups, schedule: Schedule, args, iteration, *, extra=None):

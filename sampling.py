@@ -1,10 +1,12 @@
 """Sampling with a pipeline: what the train scripts, evaluate.py, figures.py and bench.py share.
 
-  Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step
+  Schedule          one value for what a rollout steps along: noise levels, network timesteps, step kind, eta per step,
+                    where a DPM-Solver++ tail starts (MixGRPO-Flash)
   schedule_for      the run's schedule for its model (flow sigmas with the shift, or SD's DDIM alpha-bars)
-  add_args, check_args   the flags of MixGRPO's window and Flash's tail, and of BranchGRPO's tree rollouts
-  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter tail); a tree's SDE
-                    steps (branch steps and window), else as is
+  add_args, check_args   the flags of MixGRPO's window and Flash's tail (its length and solver), and of BranchGRPO's
+                    tree rollouts
+  for_iteration     an iteration's schedule: MixGRPO's window of SDE steps (and Flash's shorter DPM-Solver++ or
+                    Euler tail); a tree's SDE steps (branch steps and window); else as is
   sample            one batched rollout through the pipeline's network (guided as models.predict guides)
   tree_sample       BranchGRPO's tree rollout through it: one network row per tree node (docs/branchgrpo.md)
   group_ids, prompts_for, timesteps_for   which prompt groups a rank rolls out, their prompts, trained steps (a
@@ -42,12 +44,14 @@ FLUX_FIRST_FRAME = dict(guidance_scale=3.5, num_inference_steps=30, max_sequence
 
 class Schedule(NamedTuple):
     """Step i goes from levels[i] to levels[i + 1], the network called at timestep model_t[i], with SDE noise
-    scale etas[i] (0: an ODE step, no log-prob). The rollout and the training recompute read the same object,
+    scale etas[i] (0: an ODE step, no log-prob); steps from dpm_from on are DPM-Solver++ ODE steps
+    (sde.dpm_solver_step, never trained). The rollout and the training recompute read the same object,
     so the ratio before the first update is exactly 1."""
     levels: torch.Tensor   # [T + 1] sigmas 1 -> 0 (flow) or alpha-bars a_T -> a_final (ddim)
     model_t: torch.Tensor  # [T] the network's timestep: sigma (flow) or the DDPM timestep (ddim)
     kind: str              # "flow" or "ddim": which sde step
     etas: torch.Tensor     # [T] float64 (a Python float's precision, so a per-step eta rounds as a scalar one)
+    dpm_from: int | None = None  # flow: the first step of a DPM-Solver++ tail (MixGRPO-Flash); None: none
 
     @property
     def step(self):
@@ -85,6 +89,11 @@ def add_args(parser):
     parser.add_argument("--sde_window_shift", type=int, default=25, help="iterations between window moves (0 = fixed)")
     parser.add_argument("--ode_steps_after", type=int, default=0,
                         help="MixGRPO-Flash: ODE steps after the window (0 = all)")
+    parser.add_argument("--ode_tail_ratio", type=float, default=0.0,
+                        help="MixGRPO-Flash's dpm_post_compress_ratio: int(max(R * remaining, 1)) points after the "
+                             "window (0.4 Flash, 0.2 Flash*; 0 = all)")
+    parser.add_argument("--ode_tail", choices=["dpm", "euler"],
+                        help="the tail's solver: dpm (DPM-Solver++ 2M, as MixGRPO-Flash; the default) or euler")
     tree = parser.add_argument_group("BranchGRPO tree rollouts (docs/branchgrpo.md)")
     tree.add_argument("--branch_steps", type=step_list, help="steps where every node splits, e.g. 0,3,6,9 "
                       "(default: none, chains); group_size = branch_factor ** their number")
@@ -110,9 +119,17 @@ def step_list(text: str) -> tuple[int, ...]:
 
 def check_args(args) -> str | None:
     """One line naming a bad add_args flag, or None."""
+    tail = args.ode_steps_after or args.ode_tail_ratio
     if not 0 <= args.sde_window <= args.num_steps or min(args.sde_window_shift, args.ode_steps_after) < 0 or (
-            args.ode_steps_after and not (args.sde_window and args.shift)):
-        return f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after needs it and a flow model"
+            tail and not (args.sde_window and args.shift)):
+        return (f"--sde_window in [0, {args.num_steps}], --sde_window_shift >= 0; --ode_steps_after and "
+                "--ode_tail_ratio need it and a flow model")
+    if args.ode_steps_after and args.ode_tail_ratio:
+        return "--ode_steps_after (a step count) and --ode_tail_ratio (MixGRPO's ratio) exclude each other"
+    if not 0 <= args.ode_tail_ratio <= 1:
+        return f"--ode_tail_ratio in (0, 1] (0 = off), got {args.ode_tail_ratio}"
+    if args.ode_tail and not tail:
+        return "--ode_tail needs --ode_steps_after or --ode_tail_ratio (without them the window's ODE steps are Euler)"
     branches, b, T = args.branch_steps, args.branch_factor, args.num_steps
     if not branches:
         return "--tree_prob_weighted and depth/width pruning need --branch_steps" if (
@@ -122,26 +139,34 @@ def check_args(args) -> str | None:
     if b < 2 or args.group_size != b ** len(branches):
         return (f"--group_size {args.group_size} must equal --branch_factor ** len(--branch_steps) = {b} ** "
                 f"{len(branches)} (a tree's leaves), --branch_factor >= 2")
-    if args.ode_steps_after or not args.same_noise:
-        return "--branch_steps grows each group from one root noise (--same_noise) on the full schedule (no --ode_steps_after)"
+    if tail or not args.same_noise:
+        return ("--branch_steps grows each group from one root noise (--same_noise) on the full schedule (no "
+                "--ode_steps_after or --ode_tail_ratio)")
     if not 0 < args.width_pruning_ratio <= 1 or args.depth_pruning_slide_interval < 0:
         return "--width_pruning_ratio must be in (0, 1] and --depth_pruning_slide_interval >= 0"
     return None
 
 
 def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
-    """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, ODE steps outside; with --ode_steps_after
-    (Flash) fewer ODE steps after the window. --branch_steps (BranchGRPO): SDE steps at the branch steps and in the
-    window, ODE elsewhere, the levels unchanged. Without either: the schedule as it is."""
+    """MixGRPO (arXiv 2507.21802): SDE steps in the iteration's window, Euler ODE steps outside. MixGRPO-Flash:
+    the steps after the window on a shorter schedule (sde.flash_sigmas), --ode_steps_after of them or MixGRPO's
+    --ode_tail_ratio rule (sde.flash_tail_steps), solved by DPM-Solver++ (--ode_tail dpm, the default:
+    sde.dpm_solver_step, as finetune_flux_grpo_MixGRPO_Flash.sh:75-79) or Euler. The window's sigmas stay those
+    of the full schedule bit for bit. --branch_steps (BranchGRPO): SDE steps at the branch steps and in the window,
+    ODE elsewhere, the levels unchanged. Without either: the schedule as it is."""
     window = grpo.sde_window(iteration, args.num_steps, args.sde_window, args.sde_window_shift)
     if getattr(args, "branch_steps", None):  # BranchGRPO: SDE at the branch steps (and in a window), ODE elsewhere
         etas = sde.window_etas(args.num_steps, schedule.etas, set(args.branch_steps) | set(window or ()))
         return schedule._replace(etas=torch.tensor(etas, dtype=torch.float64))
     if window is None:
         return schedule
+    tail = args.ode_steps_after or None
+    if args.ode_tail_ratio:
+        tail = sde.flash_tail_steps(args.num_steps, window.stop, args.ode_tail_ratio)
     levels, model_t, etas = sde.window_plan(schedule.levels, schedule.model_t, schedule.etas, window, args.shift,
-                                            args.ode_steps_after)  # the schedule's etas inside the window
-    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64))
+                                            tail)  # the schedule's etas inside the window
+    dpm_from = window.stop if tail is not None and (args.ode_tail or "dpm") == "dpm" else None
+    return Schedule(levels, model_t, schedule.kind, torch.tensor(etas, dtype=torch.float64), dpm_from)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -174,7 +199,8 @@ def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None
             return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
         return network(x, t, torch.arange(len(x)))
     with bar:
-        return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator)
+        return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator,
+                           dpm_from=schedule.dpm_from)
 
 
 @torch.no_grad()

@@ -16,6 +16,9 @@ clipped GRPO objective (grpo.py) compares before and after an update.
   tree_rollout    BranchGRPO's tree: one root per group splitting into b children at branch steps, each shared
                   prefix computed once; returns the leaves' paths in rollout's layout           arXiv 2509.06040
   flash_sigmas    the flow schedule with the steps after the window done in fewer ODE steps  MixGRPO-Flash
+  flash_tail_steps  how many steps that tail has for MixGRPO's --dpm_post_compress_ratio     MixGRPO-Flash
+  dpm_solver_step one DPM-Solver++ step (2nd-order multistep, data prediction) for rectified flow,
+                  the ODE solver of Flash's tail                                        arXiv 2211.01095
 
 Every function depends on torch and math only and may be copied on its own.
 """
@@ -192,7 +195,7 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, *, prev_s
     return prev_sample, log_prob, mean, std
 
 
-def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
+def rollout(denoise, noise, schedule, eta, kind="flow", generator=None, *, dpm_from=None):
     """Run a whole SDE trajectory for a batch and keep what GRPO needs (DanceGRPO Alg. 1, line 4).
 
     Args:
@@ -207,6 +210,10 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
         drawn from the generator and its log-prob is NaN, i.e. none is kept (it is not a policy step).
       kind: "flow" or "ddim".
       generator: torch.Generator for the per-step noise, or a list (one per equal slice of the batch).
+      dpm_from: flow only: steps i >= dpm_from are dpm_solver_step's DPM-Solver++ ODE steps instead of Euler
+        (MixGRPO-Flash's tail; their eta must be 0). Its multistep history is the clean estimate of step i - 1,
+        whatever step that was, as MixGRPO's --flow_grpo_sampling path feeds it (sampling_utils.py:115-117,
+        127); at dpm_from == 0 the first step has none and is first order. None: no DPM step.
     Returns:
       latents   [B, T + 1, ...]  x_T, ..., x_0 (latents[:, i] is the input of step i)
       log_probs [B, T]           log-prob of each transition (NaN for ODE steps)
@@ -219,11 +226,22 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None):
     etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * (len(schedule) - 1)
     if len(etas) != len(schedule) - 1:
         raise ValueError(f"eta must be a float or one per step ({len(schedule) - 1}), got {len(etas)}")
+    if dpm_from is not None and (kind != "flow" or dpm_from < 0 or any(etas[dpm_from:])):
+        raise ValueError(f"dpm_from needs kind='flow', dpm_from >= 0 and eta 0 from there on, got {kind!r}, {dpm_from}")
+    dpm_from = len(etas) + 1 if dpm_from is None else dpm_from  # past the end: no step looks back
     x = noise.float()
-    all_latents, all_log_probs = [x], []
+    all_latents, all_log_probs, history = [x], [], ()
     for i in range(len(schedule) - 1):
         model_output = denoise(x, i)
-        x, log_prob, _, _ = step(model_output, x, schedule[i], schedule[i + 1], etas[i], generator=generator)
+        if i + 1 >= dpm_from:  # a DPM step, or the step the tail's first one looks back at
+            x0_hat = x - schedule[i] * model_output.float()
+        if i >= dpm_from:
+            x = dpm_solver_step(x, x0_hat, schedule[i], schedule[i + 1], *history)
+            log_prob = torch.full(x.shape[:1], float("nan"), device=x.device)
+        else:
+            x, log_prob, _, _ = step(model_output, x, schedule[i], schedule[i + 1], etas[i], generator=generator)
+        if i + 1 >= dpm_from:
+            history = (x0_hat, schedule[i])
         all_latents.append(x)
         all_log_probs.append(log_prob if etas[i] > 0 else torch.full_like(log_prob, float("nan")))
     if kind == "flow":
@@ -282,6 +300,54 @@ def tree_rollout(denoise, noise, schedule, eta, branch_steps, branch_factor=2, *
             leaves(final))
 
 
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma: -inf at pure noise (sigma = 1), +inf at data (0)."""
+    return math.log(1 - sigma) - math.log(sigma) if 0 < sigma < 1 else (-math.inf if sigma >= 1 else math.inf)
+
+
+def dpm_solver_step(latents, x0_hat, sigma, sigma_next, previous_x0_hat=None, sigma_previous=None):
+    """One DPM-Solver++ ODE step, 2nd-order multistep in data prediction (Lu et al. 2022, arXiv 2211.01095,
+    Alg. 2 "DPM-Solver++(2M)", its midpoint form as diffusers' DPMSolverMultistepScheduler and MixGRPO use it),
+    written for the rectified flow x_sigma = (1 - sigma) x0 + sigma eps:
+
+      x0_hat = x - sigma v               alpha = 1 - sigma        lambda = log(alpha / sigma)
+      h      = lambda_next - lambda      h_prev = lambda - lambda_previous
+      D      = x0_hat + h / (2 h_prev) (x0_hat - previous_x0_hat)        (first order: D = x0_hat)
+      x_next = (sigma_next / sigma) x + alpha_next (1 - exp(-h)) D
+
+    First order (no previous_x0_hat) is DDIM, which for a rectified flow is the Euler step x - (sigma -
+    sigma_next) v, up to rounding. sigma_next == 0 (the last step) is always first order, and lands on x0_hat
+    (alpha_next = 1, exp(-h) = 0): diffusers' lower_order_final with final_sigmas_type="zero", MixGRPO's
+    lower_order_final (sampling_utils.py:308, 328). At sigma_previous == 1 (lambda = -inf) the correction is 0.
+
+    Args:
+      latents, x0_hat: x at sigma and its clean estimate, [B, ...].
+      sigma, sigma_next: floats (or 0-d tensors), 1 >= sigma > sigma_next >= 0.
+      previous_x0_hat, sigma_previous: the clean estimate made one step earlier and its sigma (> sigma);
+        None for a first-order step (the first step of a solve).
+    Returns:
+      x_next [B, ...] float32.
+    """
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not 1 >= sigma > sigma_next >= 0 or x0_hat.shape != latents.shape:
+        raise ValueError(f"need 1 >= sigma > sigma_next >= 0 and x0_hat shaped like latents, got {sigma}, "
+                         f"{sigma_next}, {tuple(x0_hat.shape)} and {tuple(latents.shape)}")
+    x, x0_hat = latents.float(), x0_hat.float()
+    if sigma_next == 0:
+        return x0_hat.clone()
+    h = _log_snr(sigma_next) - _log_snr(sigma)
+    data_weight = (1 - sigma_next) * -math.expm1(-h)  # alpha_next (1 - e^-h); alpha_next at sigma = 1
+    x_next = (sigma_next / sigma) * x + data_weight * x0_hat
+    if previous_x0_hat is not None:
+        sigma_previous = float(sigma_previous)
+        if not sigma_previous > sigma or previous_x0_hat.shape != latents.shape:
+            raise ValueError(f"need sigma_previous > sigma and previous_x0_hat shaped like latents, got "
+                             f"{sigma_previous} and {tuple(previous_x0_hat.shape)}")
+        h_prev = _log_snr(sigma) - _log_snr(sigma_previous)  # inf at sigma_previous = 1: no correction
+        x_next = x_next + (data_weight * h / (2 * h_prev)) * (x0_hat - previous_x0_hat.float())
+    return x_next
+
+
 def window_etas(num_steps: int, eta, window) -> list[float]:
     """MixGRPO's mixed sampling (Li et al. 2025, arXiv 2507.21802): the steps in `window` (a range
     of step indices) are SDE steps with noise scale eta, the others ODE steps (eta 0). Only the
@@ -291,10 +357,11 @@ def window_etas(num_steps: int, eta, window) -> list[float]:
     return [float(eta[i] if per_step else eta) if i in window else 0.0 for i in range(num_steps)]
 
 
-def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=0):
-    """What a MixGRPO rollout runs: (schedule, model_t, etas). etas: window_etas; with tail_steps (flow
-    only, `shift` its time shift) the schedule after the window is flash_sigmas' and model_t = sigmas[:-1]."""
-    if tail_steps:
+def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=None):
+    """What a MixGRPO rollout runs: (schedule, model_t, etas). etas: window_etas; with tail_steps (flow only,
+    `shift` its time shift; None: every step of the schedule after the window) the schedule after the window is
+    flash_sigmas' and model_t = sigmas[:-1]."""
+    if tail_steps is not None:
         schedule = flash_sigmas(len(schedule) - 1, shift, window.stop, tail_steps)
         model_t = schedule[:-1]  # the flow network's timestep is sigma
     return schedule, model_t, window_etas(len(model_t), eta, window)
@@ -303,19 +370,32 @@ def window_plan(schedule, model_t, eta, window, shift=None, tail_steps=0):
 def flash_sigmas(num_steps: int, shift: float, window_end: int, tail_steps: int) -> torch.Tensor:
     """flow_sigmas(num_steps, shift) up to step `window_end` (the first step after the SDE window),
     then `tail_steps` ODE steps from there to 0, evenly spaced in unshifted time and shifted the same
-    way: MixGRPO-Flash's shorter tail (their --dpm_post_compress_ratio; the count is given here).
+    way: MixGRPO-Flash's shorter tail. MixGRPO rebuilds it the same way (Tencent-Hunyuan/MixGRPO at e5cdd6a,
+    fastvideo/utils/sampling_utils.py:47-54): linspace from the unshifted time of the first step after the window
+    to 0, then the SD3 shift, after the sigmas up to the window's end. tail_steps 0 ends the schedule at the
+    window's end (the last window step's clean estimate is the image; flash_tail_steps gives 0 near the end).
     Steps before window_end keep their sigmas bit for bit, so training on window steps can use the
     full schedule. Returns Tensor[window_end + tail_steps + 1]; the full schedule when that is not shorter.
-
-    deviation: MixGRPO-Flash solves the tail with DPM-Solver++ (2nd order); the tail here is Euler steps.
     """
-    if not 0 <= window_end <= num_steps or tail_steps < 1:
-        raise ValueError(f"need 0 <= window_end <= num_steps and tail_steps >= 1, got {window_end}, {tail_steps}")
+    if not 0 <= window_end <= num_steps or tail_steps < 0:
+        raise ValueError(f"need 0 <= window_end <= num_steps and tail_steps >= 0, got {window_end}, {tail_steps}")
     if tail_steps >= num_steps - window_end:
         return flow_sigmas(num_steps, shift)
     t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     t = torch.cat([t[:window_end], torch.linspace(t[window_end].item(), 0, tail_steps + 1, dtype=torch.float64)])
     return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+def flash_tail_steps(num_steps: int, window_end: int, ratio: float) -> int:
+    """The number of ODE steps after the window for MixGRPO-Flash's --dpm_post_compress_ratio (0.4 Flash, 0.2
+    Flash*: finetune_flux_grpo_MixGRPO_Flash.sh:77, _Flash*.sh:77). MixGRPO counts points, not steps
+    (sampling_utils.py:44, 48): of the T + 1 - window_end sigmas from the first step after the window to 0, it
+    keeps int(max((T + 1 - window_end) ratio, 1)) points, the last one 0, so the tail has one step fewer. One point
+    (the window near the end) is no tail at all: the rollout ends where the window does.
+    """
+    if not 0 <= window_end <= num_steps or not 0 < ratio <= 1:
+        raise ValueError(f"need 0 <= window_end <= num_steps and 0 < ratio <= 1, got {window_end}, {ratio}")
+    return int(max((num_steps + 1 - window_end) * ratio, 1)) - 1
 
 
 def group_noise(num_groups: int, group_size: int, shape, generator=None, same_noise=True) -> torch.Tensor:

@@ -85,7 +85,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
                    help="stop after this many iterations in a row whose update was skipped (NaN/Inf reward or gradient)")
     p.add_argument("--resume", help="'auto' (newest intact checkpoint in --output_dir) or a checkpoint folder")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
-    sampling.add_args(p)  # --sde_window, --sde_window_shift, --ode_steps_after (MixGRPO)
+    sampling.add_args(p)  # --sde_window, --sde_window_shift, --ode_steps_after, --ode_tail_ratio, --ode_tail
     rewards.add_args(p)  # --target_digit, --reward_timeout, --reward_retries
     memory.add_args(p)  # --check_memory
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward

@@ -140,7 +140,7 @@ def test_window_and_flash_train_with_ratio_one_in_the_image_and_video_loops(tmp_
 @pytest.mark.parametrize("flags, message", [
     (["--sde_window", "9"], "--sde_window in [0, 8]"),
     (["--sde_window", "2", "--sde_window_shift", "-1"], "--sde_window_shift >= 0"),
-    (["--ode_steps_after", "2"], "--ode_steps_after needs it"),
+    (["--ode_steps_after", "2"], "--ode_steps_after and --ode_tail_ratio need it"),
     (["--model", "tiny-sd", "--sde_window", "2", "--ode_steps_after", "2"], "a flow model"),
 ])
 def test_bad_window_arguments_are_refused_with_one_line(flags, message, capsys):

@@ -305,7 +305,10 @@ def report(times, checks, flops, peak, label):
 
 # ----------------------------------------------------------------------------- time to reward (issue 14)
 
-VARIANTS = "window=--sde_window 2; flash=--sde_window 2 --ode_steps_after 3"
+VARIANTS = ("window=--sde_window 2; flash=--sde_window 2 --ode_tail_ratio 0.4; "
+            "flash_euler=--sde_window 2 --ode_steps_after 3 --ode_tail euler; tree=--branch_steps 0,2,4; "
+            "tree_mix=--branch_steps 0,2,4 --sde_window 2; tree_mix_width=--branch_steps 0,2,4 --sde_window 2 "
+            "--width_pruning_mode 2")  # for tiny-digits' and tiny FLUX's group of 8 (a tree: 2 ** 3 leaves)
 
 
 class _Reached(Exception):
@@ -391,10 +394,10 @@ def time_to_reward(ours, rest) -> dict:
                for name, rs in runs.items()}
     paper = per_setting["paper"]["median_wall_s"]
     print(f"\ntime to {goal}, {ours.seeds} seeds, {base[1]}, {torch.get_num_threads()} thread(s); medians")
-    print(f"{'setting':10} {'flags':40} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
+    print(f"{'setting':14} {'flags':62} {'wall s':>8} {'iters':>6} {'forwards':>9} {'backwards':>9} {'reached':>8} "
           f"{'speedup':>8}")
     for name, f in per_setting.items():
-        print(f"{name:10} {f['flags'] or '(paper)':40} {f['median_wall_s']:8.1f} {f['median_iterations']:6.1f} "
+        print(f"{name:14} {f['flags'] or '(paper)':62} {f['median_wall_s']:8.1f} {f['median_iterations']:6.1f} "
               f"{f['median_forwards']:9.0f} {f['median_backwards']:9.0f} {f['reached_seeds']:>4}/{ours.seeds:<3} "
               f"{paper / f['median_wall_s']:7.2f}x")
     variants = [n for n in settings if n != "paper"]
@@ -461,8 +464,8 @@ def main(argv=None):
             p.error("--time_to_reward runs on the CPU, with --seeds >= 1, --max_iterations >= 3, --target_gain > 0")
         return time_to_reward(ours, rest)
     args = train_image.parse_args(["--model", "flux" if cuda else "tiny-flux", "--reward", "brightness", *rest])
-    if args.sde_window:
-        p.error("--sde_window: the loop-structure comparison runs the paper's setting; see --time_to_reward")
+    if args.sde_window or args.branch_steps:
+        p.error("--sde_window, --branch_steps: the loop-structure comparison runs the paper's setting; see --time_to_reward")
     if args.model not in ("flux", "tiny-flux"):
         p.error(f"--model {args.model}: bench.py runs flux (FLUX.1-dev architecture, random weights) or tiny-flux")
     if cuda:

@@ -100,3 +100,18 @@ def test_time_to_reward_on_digits_stops_at_the_judge_and_counts_training_alone(c
     run = result["settings"]["paper"]["runs"][0]
     assert result["task"] == "digits" and run["reached"] and run["iterations"] == 5 and run["judge"] >= 0
     assert (run["forwards"], run["backwards"]) == (5 * (320 - 28 + 2 * 160), 5 * 160)  # held-out's 2 x 160 left out
+
+
+def test_time_to_reward_counts_a_trees_network_rows_exactly(capsys):
+    """Tree rows (issue 21): 1 prompt, a tree of 4 leaves splitting at steps 0 and 1 of 4. Its rollout calls the
+    network once per node: 1 + 2 + 4 + 4 = 11 rows (a chain of 4 samples: 4 x 4 less 3 shared). Trained: each SDE
+    edge at a depth with 2 or more nodes once, a forward and a backward: the 2 edges of step 0 and the 4 of step 1;
+    with a window of 3 steps also step 2's 4 edges; width pruning keeps max(2, int(4 x 0.5)) of those."""
+    result = bench.main(["--time_to_reward", "--seeds", "1", "--max_iterations", "3", "--target_gain", "1e-9",
+                         "--variants", "tree=--branch_steps 0,1; mix=--branch_steps 0,1 --sde_window 3; "
+                         "width=--branch_steps 0,1 --sde_window 3 --width_pruning_mode 2",
+                         "--num_steps", "4", "--group_size", "4", "--prompts_per_rank", "1", "--resolution", "16"])
+    counts = {"paper": (3 * (13 + 4 * 1), 3 * 4), "tree": (3 * (11 + 6), 3 * 6), "mix": (3 * (11 + 10), 3 * 10),
+              "width": (3 * (11 + 8), 3 * 8)}
+    for name, f in result["settings"].items():
+        assert (f["median_forwards"], f["median_backwards"]) == counts[name], name

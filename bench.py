@@ -32,7 +32,8 @@ throughput, about T / (T - 1 + 1/G) above the FLOPs it really executes.
 The last line printed is one JSON object (speedup, same_gradient, samples/s of each structure, device, ...).
 
   python bench.py --time_to_reward               # tiny FLUX, brightness: the paper's setting against MixGRPO's
-                                                 # sliding SDE window and MixGRPO-Flash, 5 seeds each (issue 14)
+                                                 # window, MixGRPO-Flash (DPM-Solver++ or Euler tail), BranchGRPO's
+                                                 # trees (alone, width-pruned, with the window), 5 seeds each
 
 --time_to_reward trains each setting with train_image.main, seed after seed (settings interleaved, the same
 threads), until the 3-iteration moving average of reward_mean first exceeds iteration 0's reward_mean (the
@@ -306,9 +307,9 @@ def report(times, checks, flops, peak, label):
 # ----------------------------------------------------------------------------- time to reward (issue 14)
 
 VARIANTS = ("window=--sde_window 2; flash=--sde_window 2 --ode_tail_ratio 0.4; "
-            "flash_euler=--sde_window 2 --ode_steps_after 3 --ode_tail euler; tree=--branch_steps 0,2,4; "
-            "tree_mix=--branch_steps 0,2,4 --sde_window 2; tree_mix_width=--branch_steps 0,2,4 --sde_window 2 "
-            "--width_pruning_mode 2")  # for tiny-digits' and tiny FLUX's group of 8 (a tree: 2 ** 3 leaves)
+            "flash_euler=--sde_window 2 --ode_steps_after 3 --ode_tail euler; tree=--branch_steps 0,3,6; "
+            "tree_width=--branch_steps 0,3,6 --width_pruning_mode 2; tree_mix=--branch_steps 0,3,6 --sde_window 2")
+# (a tree of 2 ** 3 leaves: tiny-digits' and tiny FLUX's group of 8)
 
 
 class _Reached(Exception):

@@ -863,6 +863,9 @@ def check_context_parallel(args) -> str | None:
     if tokens % n:
         return (f"--context_parallel {n} must divide a sample's {tokens} latent tokens ({args.height}x{args.width}"
                 f"{f', {frames} frames' if family == 'wan' else ''}): diffusers splits them in equal parts")
+    text = {"tiny-digits": DIGITS_TEXT[0], "flux": FLUX_TEXT_LEN}.get(args.model, TINY_TEXT_LEN)  # FLUX splits its text
+    if family == "flux" and text % n:  # too (Qwen-Image's is padded in predict, Wan's is not split)
+        return f"--context_parallel {n} must divide FLUX's {text} text tokens: diffusers splits them in equal parts"
     return None
 
 

@@ -161,6 +161,8 @@ def test_ranks_tokens_and_heads_that_do_not_divide_stop_in_one_line(capsys, monk
     line = parse_error(capsys, train_image.parse_args, ["--model", "tiny-flux", "--context_parallel", "2",
                                                         "--resolution", "36"])  # 9 x 9 tokens
     assert "--context_parallel 2 must divide a sample's 81 latent tokens (36x36)" in line
+    line = parse_error(capsys, train_image.parse_args, ["--model", "flux", "--context_parallel", "3"])  # 45 x 45
+    assert line.endswith("--context_parallel 3 must divide FLUX's 512 text tokens: diffusers splits them in equal parts")
     monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun's
     line = parse_error(capsys, train_image.parse_args, ["--model", "tiny-flux", "--context_parallel", "2"])
     assert line.endswith("--context_parallel 2 must divide the number of ranks, 3")

@@ -195,6 +195,17 @@ def ddim_sde_step(noise_pred, latents, alpha_bar, alpha_bar_prev, eta, *, prev_s
     return prev_sample, log_prob, mean, std
 
 
+def _step_and_etas(kind, eta, num_steps):
+    """rollout's and tree_rollout's step function for `kind` and their eta per step (a float for every step, or one
+    per step), checked."""
+    if kind not in ("flow", "ddim"):
+        raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
+    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * num_steps
+    if len(etas) != num_steps:
+        raise ValueError(f"eta must be a float or one per step ({num_steps}), got {len(etas)}")
+    return (flow_sde_step if kind == "flow" else ddim_sde_step), etas
+
+
 def rollout(denoise, noise, schedule, eta, kind="flow", generator=None, *, dpm_from=None):
     """Run a whole SDE trajectory for a batch and keep what GRPO needs (DanceGRPO Alg. 1, line 4).
 
@@ -220,12 +231,7 @@ def rollout(denoise, noise, schedule, eta, kind="flow", generator=None, *, dpm_f
       final     [B, ...]         the sample to decode: the last step's x0_hat for flow (as the
                                  official DanceGRPO code), the last x_0 for DDIM (as DDPO)
     """
-    if kind not in ("flow", "ddim"):
-        raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
-    step = flow_sde_step if kind == "flow" else ddim_sde_step
-    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * (len(schedule) - 1)
-    if len(etas) != len(schedule) - 1:
-        raise ValueError(f"eta must be a float or one per step ({len(schedule) - 1}), got {len(etas)}")
+    step, etas = _step_and_etas(kind, eta, len(schedule) - 1)
     if dpm_from is not None and (kind != "flow" or dpm_from < 0 or any(etas[dpm_from:])):
         raise ValueError(f"dpm_from needs kind='flow', dpm_from >= 0 and eta 0 from there on, got {kind!r}, {dpm_from}")
     dpm_from = len(etas) + 1 if dpm_from is None else dpm_from  # past the end: no step looks back
@@ -272,16 +278,13 @@ def tree_rollout(denoise, noise, schedule, eta, branch_steps, branch_factor=2, *
       log_probs [N, T]           the log-prob of the edge each leaf's path takes at step i (NaN for ODE steps)
       final     [N, ...]         the last step's x0_hat (flow) or the last x_0 (ddim)
     """
-    if kind not in ("flow", "ddim"):
-        raise ValueError(f"kind must be 'flow' or 'ddim', got {kind!r}")
-    step = flow_sde_step if kind == "flow" else ddim_sde_step
     num_steps = len(schedule) - 1
-    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple, torch.Tensor)) else [eta] * num_steps
+    step, etas = _step_and_etas(kind, eta, num_steps)
     branches = sorted(set(int(b) for b in branch_steps))
-    if len(etas) != num_steps or branch_factor < 2 or list(branch_steps) != branches or not all(
+    if branch_factor < 2 or list(branch_steps) != branches or not all(
             0 <= b < num_steps and etas[b] > 0 for b in branches):
-        raise ValueError(f"need one eta per step ({num_steps}), branch_factor >= 2 and sorted distinct branch_steps "
-                         f"in [0, {num_steps - 1}] with eta > 0; got {len(etas)}, {branch_factor}, {list(branch_steps)}")
+        raise ValueError(f"need branch_factor >= 2 and sorted distinct branch_steps in [0, {num_steps - 1}] with "
+                         f"eta > 0; got {branch_factor}, {list(branch_steps)}")
     n = noise.shape[0] * branch_factor ** len(branches)  # leaves
     x = noise.float()
     nodes, edge_log_probs = [x], []  # nodes[i]: [n_i, ...] at time i; edge_log_probs[i]: [n_{i+1}] of step i's edges

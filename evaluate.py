@@ -176,14 +176,14 @@ def evaluate_policy(pipe, prompts, scorers, args, device, *, source=None, desc="
     """All ranks call it: rank r samples prompts r, r + world, ... (padded to equal counts, so that sharded networks
     run their collectives in lockstep). Returns, on every rank, scores [K, P, S] for all P prompts and their
     samples [P, S', (F,) 3, H, W] (sample_and_score)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = models.data_parallel(getattr(args, "context_parallel", 1))  # a CP group samples the same prompts
     n = math.ceil(len(prompts) / world)
     mine = (list(range(rank, len(prompts), world)) + [0] * n)[:n]
     with sampling.progress(math.ceil(n / max(1, args.micro_batch // args.samples_per_prompt)), desc) as bar:
         scores, firsts = sample_and_score(pipe, prompts, mine, scorers, args, device, source=source, bar=bar)
     parts = [(mine, scores, firsts)]
     if dist.is_initialized():
-        parts = [None] * world
+        parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (mine, scores, firsts))
     by_index = {}
     for idx, s, f in parts:

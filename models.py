@@ -21,11 +21,13 @@ Latent layouts ("step layout", what the SDE steps in sde.py work on):
 import contextlib
 import copy
 import logging
+import os
 import string
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers.utils import logging as transformers_logging
 
 # diffusers' pipeline imports make transformers warn that torchvision (image processors) is missing;
@@ -575,6 +577,9 @@ def predict(pipe, latents, t, cond, *, guidance_scale, height, width, extra=None
     elif family == "qwenimage":  # QwenImagePipeline passes t / 1000 = sigma; no guidance embedding, no CFG
         h, w = _flux_packed_hw(pipe, height, width)
         mask = c["prompt_embeds_mask"]
+        if (pad := -c["prompt_embeds"].shape[1] % _context_parallel_degree(net)):  # --context_parallel: text tokens
+            c["prompt_embeds"] = torch.nn.functional.pad(c["prompt_embeds"], (0, 0, 0, pad))  # split evenly, the
+            mask = torch.nn.functional.pad(mask, (0, pad))  # padding masked out of the attention: the same velocity
         out = net(hidden_states=x, timestep=t.to(dtype), encoder_hidden_states=c["prompt_embeds"],  # x: [B, L, 4C]
                   encoder_hidden_states_mask=None if mask.all() else mask,  # the pipeline drops an all-ones mask
                   img_shapes=[[(1, h // 2, w // 2)]] * B, guidance=None, return_dict=False)[0]
@@ -818,3 +823,94 @@ def model_defaults(model, lora=False):
         if lora:
             d.update(lr=_TINY_LORA_LR if family != "skyreels" else _TINY_LORA_LR / 6)
     return d
+
+
+# ----------------------------------------------------------------------------- context parallelism (diffusers')
+
+# The trained classes whose diffusers implementation has a context-parallel plan (`_cp_plan`, diffusers 0.42): which
+# inputs are split over the sequence and where the output is gathered. The others have none.
+CONTEXT_PARALLEL = {"flux": True, "qwenimage": True, "wan": True, "sd": False, "sd35": False, "hunyuan": False,
+                    "skyreels": False}
+TRAINED_CLASSES = {"flux": "FluxTransformer2DModel", "qwenimage": "QwenImageTransformer2DModel",
+                   "wan": "WanTransformer3DModel", "sd": "UNet2DConditionModel", "sd35": "SD3Transformer2DModel",
+                   "hunyuan": "HunyuanVideoTransformer3DModel", "skyreels": "HunyuanVideoTransformer3DModel"}
+
+
+def add_parallel_args(parser):
+    """The train scripts' --context_parallel."""
+    parser.add_argument("--context_parallel", type=int, default=1,
+                        help="split each sample's tokens over N ranks (diffusers' Ulysses attention; FLUX, Qwen-Image, "
+                             "Wan): the ranks form a (data parallel x N) mesh, N ranks per sample (default 1: off)")
+
+
+def check_context_parallel(args) -> str | None:
+    """One line where --context_parallel cannot split this run's tokens, or None. The heads (Ulysses splits them
+    too) and a plain python run are checked where the network is (context_parallel)."""
+    n, family = args.context_parallel, FAMILY[args.model]
+    if n < 1:
+        return f"--context_parallel must be >= 1, got {n}"
+    if n == 1:
+        return None
+    if not CONTEXT_PARALLEL[family]:
+        import diffusers
+        return (f"--context_parallel: {args.model}'s {TRAINED_CLASSES[family]} has no context-parallel plan in "
+                f"diffusers {diffusers.__version__} (FLUX, Qwen-Image and Wan have one); run it with --context_parallel 1")
+    world = int(os.environ.get("WORLD_SIZE", 0))  # torchrun's; checked again where the network is (bench.py --nproc)
+    if world and world % n:
+        return f"--context_parallel {n} must divide the number of ranks, {world}"
+    m, frames = args.size_multiple, (getattr(args, "num_frames", None) or 1) if family == "wan" else 1
+    tokens = (args.height // m) * (args.width // m) * ((frames - 1) // 4 + 1)  # a sample's latent tokens
+    if tokens % n:
+        return (f"--context_parallel {n} must divide a sample's {tokens} latent tokens ({args.height}x{args.width}"
+                f"{f', {frames} frames' if family == 'wan' else ''}): diffusers splits them in equal parts")
+    text = {"tiny-digits": DIGITS_TEXT[0], "flux": FLUX_TEXT_LEN}.get(args.model, TINY_TEXT_LEN)  # FLUX splits its text
+    if family == "flux" and text % n:  # too (Qwen-Image's is padded in predict, Wan's is not split)
+        return f"--context_parallel {n} must divide FLUX's {text} text tokens: diffusers splits them in equal parts"
+    return None
+
+
+def data_parallel(context_parallel=1) -> tuple[int, int]:
+    """(rank, world) among the data-parallel ranks: ranks d N ... d N + N - 1 form one context-parallel group (the
+    (dp, cp) mesh in row-major order), which rolls out, scores and trains the same samples."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank() // context_parallel, dist.get_world_size() // context_parallel
+
+
+def context_parallel(net, n, device):
+    """--context_parallel N > 1: diffusers' own context parallelism on the (FSDP2-sharded) network, Ulysses attention
+    over the N ranks of each group of a (data parallel, ring 1, ulysses N) device mesh: the plan splits each sample's
+    tokens at the network's input, each rank runs the blocks on its share, attention exchanges heads for tokens
+    (all-to-all) and the output is gathered whole on every rank of the group. FSDP2 shards over all ranks and
+    averages the gradient over them; a rank of a group holds only its tokens' part of the gradient, so the group's
+    sum is the sample's: the reduction divides by the data-parallel ranks alone."""
+    if n == 1:
+        return
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % n:
+        raise SystemExit(f"error: --context_parallel {n} needs torchrun with a multiple of {n} ranks; this run has {world}")
+    if net.config.num_attention_heads % n:
+        raise SystemExit(f"error: --context_parallel {n} must divide the {net.config.num_attention_heads} attention "
+                         "heads (Ulysses attention splits them over the group)")
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from unittest import mock
+    mesh = init_device_mesh("cuda" if device.type == "cuda" else "cpu", (world // n, 1, n),
+                            mesh_dim_names=("dp", "ring", "ulysses"))
+    # diffusers records a device, rank % torch.accelerator.device_count(), which is 0 on a CPU-only machine (it uses
+    # it nowhere else): one accelerator is reported there while it is built
+    cpu_only = mock.patch.object(torch.accelerator, "device_count", lambda: 1) if not torch.accelerator.device_count() \
+        else contextlib.nullcontext()
+    with cpu_only:
+        net.enable_parallelism(config=ContextParallelConfig(ulysses_degree=n, mesh=mesh))
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(world // n)
+            module.set_force_sum_reduction_for_comms(True)  # sum, then divide: the same on gloo and NCCL
+
+
+def _context_parallel_degree(net) -> int:
+    """N of --context_parallel N on this network (1: off)."""
+    config = getattr(net, "_parallel_config", None)
+    return config.context_parallel_config.ulysses_degree if config and config.context_parallel_config else 1

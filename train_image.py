@@ -88,6 +88,7 @@ def build_parser(model_choices=IMAGE_MODELS) -> argparse.ArgumentParser:
     sampling.add_args(p)  # --sde_window, --sde_window_shift, --ode_steps_after, --ode_tail_ratio, --ode_tail
     rewards.add_args(p)  # --target_digit, --reward_timeout, --reward_retries
     memory.add_args(p)  # --check_memory
+    models.add_parallel_args(p)  # --context_parallel
     evaluate.add_train_args(p)  # --eval_every, --eval_prompts, --eval_reward
     loggers.add_args(p)  # --report_to none|tensorboard|wandb, --run_name
     return p
@@ -132,7 +133,7 @@ def check_args(args) -> str | None:
         return f"--eta must be > 0 (eta = 0 is deterministic and has no log-prob), got {args.eta}"
     if problem := models.check_sampler(args.model, args.sde, args.guidance_scale):
         return problem
-    if problem := sampling.check_args(args):
+    if problem := sampling.check_args(args) or models.check_context_parallel(args):
         return problem
     for name in ("iterations", "prompts_per_rank", "grad_accum", "micro_batch", "rollout_batch", "height", "width",
                  "max_skipped", "checkpoint_every", "sample_every"):
@@ -200,6 +201,7 @@ def prepare_policy(pipe, args, device) -> Policy:
             if type(module).__name__ in net._no_split_modules:
                 fully_shard(module, mp_policy=mp)
         fully_shard(net, mp_policy=mp)
+    models.context_parallel(net, args.context_parallel, device)  # --context_parallel N: diffusers' Ulysses attention
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     ema = [p.detach().clone() for p in params] if args.ema_decay else None  # --ema_decay 0: no EMA
@@ -315,7 +317,8 @@ def update_or_skip(pipe, policy, batch, args, device) -> dict:
 def metrics_row(iteration, scores, specs, stats, t0, args, **extra) -> dict:
     """One row of metrics.jsonl: rewards over all ranks (weighted sum and each reward), groups without
     spread, the update's statistics and health figures (rank 0's), throughput."""
-    all_scores = sampling.gather(scores.T.contiguous()).T  # [K, N * world]
+    all_scores = sampling.gather(scores.T.contiguous()).T  # [K, N * world], a context-parallel group's once:
+    all_scores = all_scores.unflatten(1, (-1, args.context_parallel, scores.shape[1]))[:, :, 0].flatten(1)
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = sum(s.weight * r for s, r in zip(specs, all_scores))
     seconds = time.time() - t0
@@ -384,15 +387,15 @@ def main(argv=None):
               f"{args.num_steps} steps, {args.sde or 'DDIM'} SDE eta {args.eta}, reward {args.reward}, "
               f"from iteration {start}")
 
-    skipped_in_a_row = 0
+    skipped_in_a_row, (dp_rank, dp_world) = 0, models.data_parallel(args.context_parallel)  # a CP group: one
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
                           total=args.iterations):
         if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device):  # when due
             log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: each rank rolls out its own prompt groups, G samples sharing initial noise
-        groups = sampling.group_ids(iteration, rank, world, args.prompts_per_rank)
-        group_prompts = sampling.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
+        groups = sampling.group_ids(iteration, dp_rank, dp_world, args.prompts_per_rank)
+        group_prompts = sampling.prompts_for(iteration, dp_rank, dp_world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(args.group_size)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
         plan = sampling.for_iteration(schedule, iteration, args)  # MixGRPO: SDE steps in a window only (trees: + branches)

@@ -115,15 +115,15 @@ def main(argv=None):
               f" per group), {F}x{H}x{W}, {args.num_steps} steps, {args.sde} SDE eta {args.eta}, reward {args.reward}, "
               f"from iteration {start}")
 
-    skipped = 0  # iterations in a row without an update
+    skipped, (dp_rank, dp_world) = 0, models.data_parallel(args.context_parallel)  # a CP group: the same samples
     for iteration in tqdm(range(start, args.iterations), desc="iterations", disable=rank != 0, initial=start,
                           total=args.iterations):
         if held_out := evaluate.held_out(pipe, evaluation, iteration, args, device, source):  # when due
             ti.log_iteration(args, held_out, history, rank, run)
         t0 = time.time()
         # 2. rollout: G samples per prompt sharing their initial noise (and, for SkyReels, their first frame)
-        groups = sampling.group_ids(iteration, rank, world, args.prompts_per_rank)
-        group_prompts = sampling.prompts_for(iteration, rank, world, args.prompts_per_rank, prompts, args.seed)
+        groups = sampling.group_ids(iteration, dp_rank, dp_world, args.prompts_per_rank)
+        group_prompts = sampling.prompts_for(iteration, dp_rank, dp_world, args.prompts_per_rank, prompts, args.seed)
         batch_prompts = [p for p in group_prompts for _ in range(G)]  # [N]
         cond = models.encode_prompts(pipe, batch_prompts, device)
         extra = None
@@ -157,7 +157,7 @@ def main(argv=None):
 
         # 6. log and save
         row = ti.metrics_row(iteration, scores, specs, stats, t0, args,
-                             sampled_samples=len(final) * world, trained_samples=len(kept) * world)
+                             sampled_samples=len(final) * dp_world, trained_samples=len(kept) * dp_world)
         ti.log_iteration(args, row, history, rank, run)
         ti.stop_if_stuck(skipped, args)
         if (iteration + 1) % args.sample_every == 0 or iteration + 1 == args.iterations:

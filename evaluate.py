@@ -358,5 +358,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    sampling.end_distributed()

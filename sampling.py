@@ -25,6 +25,7 @@ Layers: sde and grpo (torch only) <- models, rewards <- sampling <- checkpoint, 
 """
 
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -422,6 +423,19 @@ def setup_distributed(args=None):
     if args is not None and world > 1:
         agree(args)
     return rank, world, device
+
+
+def end_distributed():
+    """The end of a torchrun worker whose work is written: destroy the process group, then exit at once. FSDP2's
+    device mesh keeps the gloo group, and so its worker threads, alive past destroy_process_group (torch 2.13, once
+    torch._dynamo is imported); a thread that frees a finished collective's tensors while the interpreter shuts down
+    aborts the process now and then ("terminate called without an active exception", exit code -6: the race of
+    pytorch/pytorch#179291). os._exit skips that shutdown; the loggers are closed and the files written by then."""
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def agree(args):

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
@@ -191,5 +190,4 @@ def save_samples(pipe, fixed, schedule, args, device, stem=None):
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    sampling.end_distributed()

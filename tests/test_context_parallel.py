@@ -61,6 +61,7 @@ def run(model, out, flags):
 
 for model in sys.argv[2].split(","):
     run(model, f"{{sys.argv[1]}}/{{model}}.pt", sys.argv[3:])
+sampling.end_distributed()
 '''
 
 

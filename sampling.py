@@ -173,6 +173,20 @@ def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
+def network_call(pipe, x, t, cond, rows, args, *, extra=None) -> torch.Tensor:
+    """The guided network output for latents x [M, ...] at network timesteps t [M], latent j with row rows[j] of the
+    batch-first cond / extra (its prompt, SkyReels' first frame): `args.rollout_batch` latents a call (all when
+    None), the same output in less memory."""
+    chunk, outs = args.rollout_batch or len(x), []
+    for s in range(0, len(x), chunk):
+        part = rows[s:s + chunk]
+        with autocast(x.device):
+            outs.append(models.predict(pipe, x[s:s + chunk], t[s:s + chunk], {k: v[part] for k, v in cond.items()},
+                                       guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                                       extra={k: v[part] for k, v in extra.items()} if extra else None))
+    return torch.cat(outs)
+
+
 def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None, shared_first=1):
     """Roll out a batch: latents [B, T+1, ...], log_probs [B, T], final [B, ...].
 
@@ -180,25 +194,17 @@ def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None
     `args.rollout_batch` samples a call (all when None): less memory, the same samples. shared_first = G when each
     run of G samples shares its noise, prompt and first frame: their first step is then one network call, not G
     (the same velocity; the SDE noise still differs)."""
-    device, chunk = noise.device, args.rollout_batch or len(noise)
-
-    def network(x, t, rows):
-        outs = []
-        for part in (rows[s:s + chunk] for s in range(0, len(rows), chunk)):
-            with autocast(device):
-                outs.append(models.predict(pipe, x[part], t[part], {k: v[part] for k, v in cond.items()},
-                                           guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                                           extra={k: v[part] for k, v in extra.items()} if extra else None))
-        return torch.cat(outs)
-
+    device = noise.device
     bar = progress(len(schedule.model_t), "rollout")
 
     def denoise(x, i):
         bar.update()
         t = schedule.model_t[i].to(device).expand(x.shape[0])
         if i == 0 and shared_first > 1:
-            return network(x, t, torch.arange(0, len(x), shared_first)).repeat_interleave(shared_first, dim=0)
-        return network(x, t, torch.arange(len(x)))
+            rows = torch.arange(0, len(x), shared_first)  # [B / G]: one sample of each run
+            out = network_call(pipe, x[rows], t[rows], cond, rows, args, extra=extra)
+            return out.repeat_interleave(shared_first, dim=0)
+        return network_call(pipe, x, t, cond, torch.arange(len(x)), args, extra=extra)
     with bar:
         return sde.rollout(denoise, noise, schedule.levels.to(device), schedule.etas, schedule.kind, generator,
                            dpm_from=schedule.dpm_from)
@@ -216,14 +222,7 @@ def tree_sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra
     def denoise(x, i):
         bar.update()
         rows = torch.arange(0, n, n // len(x))  # [n_i]: each node's first leaf, whose prompt (and frame) it has
-        t, chunk, outs = schedule.model_t[i].to(device), args.rollout_batch or len(x), []
-        for s in range(0, len(x), chunk):
-            part = rows[s:s + chunk]
-            with autocast(device):
-                outs.append(models.predict(pipe, x[s:s + chunk], t.expand(len(part)), {k: v[part] for k, v in cond.items()},
-                                           guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                                           extra={k: v[part] for k, v in extra.items()} if extra else None))
-        return torch.cat(outs)
+        return network_call(pipe, x, schedule.model_t[i].to(device).expand(len(x)), cond, rows, args, extra=extra)
     with bar:
         return sde.tree_rollout(denoise, noise, schedule.levels.to(device), schedule.etas, args.branch_steps,
                                 args.branch_factor, kind=schedule.kind, generator=generator)

@@ -196,8 +196,8 @@ def nbytes(tensors) -> int:
 # ----------------------------------------------------------------------------- the simulation
 
 @contextlib.contextmanager
-def fake_world(world):
-    """A fake process group of `world` ranks (rank 0's view; collectives do nothing); none for a single process."""
+def fake_world(world, rank=0):
+    """A fake process group of `world` ranks (`rank`'s view; collectives do nothing); none for a single process."""
     if world == 1:
         yield
         return
@@ -207,7 +207,7 @@ def fake_world(world):
                          "python bench.py --memory ...); the train scripts' --check_memory does")
     if dist.is_initialized():
         raise RuntimeError("the memory simulation needs its own (fake) process group; run it before init_process_group")
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     try:
         yield
     finally:

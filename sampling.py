@@ -172,7 +172,6 @@ def for_iteration(schedule: Schedule, iteration: int, args) -> Schedule:
 
 # ----------------------------------------------------------------------------- rollouts
 
-@torch.no_grad()
 def network_call(pipe, x, t, cond, rows, args, *, extra=None) -> torch.Tensor:
     """The guided network output for latents x [M, ...] at network timesteps t [M], latent j with row rows[j] of the
     batch-first cond / extra (its prompt, SkyReels' first frame): `args.rollout_batch` latents a call (all when
@@ -187,6 +186,7 @@ def network_call(pipe, x, t, cond, rows, args, *, extra=None) -> torch.Tensor:
     return torch.cat(outs)
 
 
+@torch.no_grad()
 def sample(pipe, cond, noise, schedule: Schedule, args, generator, *, extra=None, shared_first=1):
     """Roll out a batch: latents [B, T+1, ...], log_probs [B, T], final [B, ...].
 

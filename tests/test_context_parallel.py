@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import bench
+import memory
 import models
 import sampling
 import train_image
@@ -171,19 +171,9 @@ def test_ranks_tokens_and_heads_that_do_not_divide_stop_in_one_line(capsys, monk
     net = models.trained_module(models.load_pipeline("tiny-flux"))
     with pytest.raises(SystemExit, match="needs torchrun with a multiple of 2 ranks; this run has 1"):
         models.context_parallel(net, 2, torch.device("cpu"))  # a plain python run
-    with fake_world(4):
+    with memory.fake_world(4):
         with pytest.raises(SystemExit, match="--context_parallel 4 must divide the 2 attention heads"):
             models.context_parallel(net, 4, torch.device("cpu"))
-
-
-@contextlib.contextmanager
-def fake_world(world, rank=0):
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_context_parallel_group_rolls_out_the_groups_of_its_data_parallel_rank():
@@ -191,7 +181,7 @@ def test_a_context_parallel_group_rolls_out_the_groups_of_its_data_parallel_rank
     ones a 4-rank run without CP gives rank d."""
     assert models.data_parallel(2) == (0, 1)  # one process
     for rank in range(8):
-        with fake_world(8, rank):
+        with memory.fake_world(8, rank):
             d, world = models.data_parallel(2)
         assert (d, world) == (rank // 2, 4)
         assert sampling.group_ids(3, d, world, 2) == [(3 * 4 + rank // 2) * 2 + p for p in range(2)]
